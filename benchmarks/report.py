@@ -1,0 +1,44 @@
+"""What every benchmark writes: figures plus the environment, as JSON and a markdown table that the
+README quotes between `<!-- results:NAME -->` markers."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def environment() -> dict:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return {
+        "commit": commit.stdout.strip() or None,
+        "python": platform.python_version(),
+        "cpu_cores": os.cpu_count(),
+        "cpu": platform.processor() or platform.machine(),
+        **{name: metadata.version(name) for name in ("torch", "transformers", "tyrsearch")},
+    }
+
+
+def load(name: str) -> dict:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def save(name: str, data: dict, table: str) -> None:
+    """Write results/NAME.json and results/NAME.md atomically, and refresh the README's copy of the table."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    for suffix, text in ((".json", json.dumps(data, indent=2) + "\n"), (".md", table)):
+        tmp = RESULTS / f".{name}{suffix}.tmp"
+        tmp.write_text(text)
+        tmp.replace(RESULTS / f"{name}{suffix}")
+    readme = ROOT / "README.md"
+    if readme.exists():
+        pattern = re.compile(rf"(<!-- results:{name} -->\n).*?(<!-- /results:{name} -->)", re.S)
+        readme.write_text(pattern.sub(lambda m: m.group(1) + table + m.group(2), readme.read_text()))

@@ -1,0 +1,135 @@
+"""The command line: help for every command, one-line errors with exit 2 and nothing written, and a
+prune -> reload -> eval round trip on a tiny model folder."""
+
+import contextlib
+import io
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import pytest
+
+from tests.conftest import tiny_llama
+from tyrsearch.cli import main
+from tyrsearch.materialize import save_pruned
+
+
+@dataclass
+class Ran:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_cli(*args: str) -> Ran:
+    """The CLI's entry point in this process (a subprocess per call would re-import torch each time)."""
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main(list(args))
+        except SystemExit as exc:
+            code = exc.code
+    return Ran(code, out.getvalue(), err.getvalue())
+
+
+def test_installed_entry_point_runs():
+    result = subprocess.run([sys.executable, "-m", "tyrsearch.cli", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "prune" in result.stdout and "eval" in result.stdout
+
+
+@pytest.mark.parametrize("command", [[], ["eval"], ["prune"]])
+def test_every_command_has_help(command):
+    result = run_cli(*command, "--help")
+    assert result.returncode == 0 and "Usage:" in result.stdout
+
+
+def test_prune_help_defines_sparsity():
+    assert "embeddings and lm_head excluded" in " ".join(run_cli("prune", "--help").stdout.split())
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory, smollm2_folder):
+    """A tiny random Llama with SmolLM2's real tokenizer, saved as an HF folder."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_folder)
+    folder = tmp_path_factory.mktemp("tiny") / "model"
+    save_pruned(tiny_llama(vocab=len(tokenizer)), tokenizer, folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text") / "text.txt"
+    path.write_text(" ".join(f"The river {i} flows into the sea near the old town." for i in range(400)))
+    return path
+
+
+BAD_INPUTS = [
+    (["--model", "no/such/folder"], "not found"),
+    (["--model", "llama-9000"], "known model aliases: smollm2-135m"),
+    (["--criterion", "psychic"], "unknown criterion 'psychic'"),
+    (["--sparsity", "1.0"], "--sparsity must be in [0, 1)"),
+    (["--sparsity", "-0.1"], "--sparsity must be in [0, 1)"),
+    (["--sparsity", "0.95"], "would remove every MLP channel"),
+    (["--allocation", "lottery"], "unknown allocation 'lottery'"),
+    (["--calib", "EMPTY"], "empty"),
+    (["--calib", "no/such/text.txt"], "not found"),
+]
+
+
+@pytest.mark.parametrize(("override", "message"), BAD_INPUTS)
+def test_bad_prune_input_is_one_line_exit_2_and_writes_nothing(override, message, tiny_folder, text_file, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("   \n")
+    args = {"--model": str(tiny_folder), "--criterion": "wanda", "--sparsity": "0.3", "--calib": str(text_file),
+            "--out": str(tmp_path / "out"), "--calib-seqs": "2", "--seq-len": "16"}
+    args.update(dict(zip(override[::2], override[1::2], strict=False)))
+    if args["--calib"] == "EMPTY":
+        args["--calib"] = str(empty)
+    result = run_cli("prune", *[x for kv in args.items() for x in kv])
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_unwritable_or_used_out_dir(tiny_folder, text_file, tmp_path):
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "keep.txt").write_text("mine")
+    common = ["prune", "--model", str(tiny_folder), "--sparsity", "0.3", "--calib", str(text_file)]
+    result = run_cli(*common, "--out", str(used))
+    assert result.returncode == 2 and "already exists and is not empty" in result.stderr
+    assert (used / "keep.txt").read_text() == "mine"
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    result = run_cli(*common, "--out", str(blocker / "sub"))
+    assert result.returncode == 2 and "not writable" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_usage_errors_are_one_line_too():
+    result = run_cli("prune", "--sparsity", "abc")
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_prune_then_eval_round_trip(tiny_folder, text_file, tmp_path):
+    out = tmp_path / "pruned"
+    result = run_cli("prune", "--model", str(tiny_folder), "--criterion", "osscar", "--sparsity", "0.4",
+                     "--allocation", "owl", "--calib", str(text_file), "--calib-seqs", "4", "--seq-len", "32",
+                     "--out", str(out), "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary == json.loads((out / "result.json").read_text())
+    assert abs(summary["achieved_sparsity"] - 0.4) < 0.02
+    assert summary["decoder_params_after"] < summary["decoder_params_before"]
+    assert summary["calibration"]["tokens"] == 4 * 32 and len(summary["layers"]) == 3
+    assert (out / "config.json").exists() and (out / "tokenizer.json").exists()
+    evaluated = run_cli("eval", "--model", str(out), "--text", str(text_file), "--seq-len", "32",
+                        "--max-tokens", "128", "--json")
+    assert evaluated.returncode == 0, evaluated.stderr
+    figures = json.loads(evaluated.stdout)
+    assert figures["tokens"] == 4 * 31 and figures["ppl"] > 1 and figures["decoder_params"] == summary[
+        "decoder_params_after"]

@@ -1,0 +1,137 @@
+"""Calibration statistics, collected layer by layer.
+
+`LayerInputs` holds the hidden states that enter one decoder layer for every calibration sequence and
+moves them forward one layer at a time. Between two steps the layer can be pruned, so layer l+1 is
+calibrated on what the pruned layers < l produce (sequential calibration), or on the dense outputs.
+This walks the model once in total, whatever the number of layers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from tyrsearch.models import FamilyAdapter
+
+
+@dataclass
+class InputStats:
+    """Second-moment statistics of a linear layer's input x [tokens, D], summed over tokens."""
+
+    xtx: torch.Tensor  # [D, D] float64: sum of x x^T
+    x_sum: torch.Tensor  # [D] float64: sum of x
+    tokens: int = 0
+
+    @classmethod
+    def empty(cls, dim: int) -> InputStats:
+        return cls(xtx=torch.zeros(dim, dim, dtype=torch.float64), x_sum=torch.zeros(dim, dtype=torch.float64))
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()  # [tokens, D]
+        self.xtx += (x.T @ x).double()
+        self.x_sum += x.sum(0).double()
+        self.tokens += x.shape[0]
+
+    def select(self, cols: torch.Tensor) -> InputStats:
+        """The statistics of x[:, cols] (inputs of units that survive a cut are unchanged)."""
+        return InputStats(xtx=self.xtx[cols][:, cols], x_sum=self.x_sum[cols], tokens=self.tokens)
+
+
+class _StopForward(Exception):
+    pass
+
+
+class LayerInputs:
+    """Hidden states entering decoder layer `self.layer` for a fixed set of token batches."""
+
+    def __init__(self, model: nn.Module, adapter: FamilyAdapter, batches: torch.Tensor, *,
+                 batch_size: int = 8):
+        self.model, self.adapter = model, adapter
+        self.layer = 0
+        layers = adapter.layers(model)
+        # Each layer's keyword inputs (position embeddings, masks per attention type) depend only on the
+        # sequence length, and broadcast over the batch: capture them once with a single sequence.
+        self.layer_kwargs: list[dict] = [{} for _ in layers]
+
+        def keep_kwargs(idx):
+            def hook(module, args, kwargs):
+                self.layer_kwargs[idx] = {k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values")}
+                if idx == len(layers) - 1:
+                    raise _StopForward
+            return hook
+
+        self.hidden: list[torch.Tensor] = []  # each [batch, seq, hidden]
+
+        def keep_hidden(module, args, kwargs):
+            self.hidden.append(args[0] if args else kwargs["hidden_states"])
+            raise _StopForward
+
+        with torch.no_grad():
+            handles = [layer.register_forward_pre_hook(keep_kwargs(i), with_kwargs=True)
+                       for i, layer in enumerate(layers)]
+            self._run_model(batches[:1])
+            for h in handles:
+                h.remove()
+            handle = layers[0].register_forward_pre_hook(keep_hidden, with_kwargs=True)
+            for chunk in batches.split(batch_size):
+                self._run_model(chunk)
+            handle.remove()
+        self._dense_next: list[torch.Tensor] | None = None
+
+    def _run_model(self, input_ids: torch.Tensor) -> None:
+        with contextlib.suppress(_StopForward):
+            self.model(input_ids=input_ids, use_cache=False)
+
+    @torch.no_grad()
+    def collect(self, modules: dict[str, nn.Linear]) -> dict[str, InputStats]:
+        """Run the current layer on every batch and return the input statistics of `modules`."""
+        stats = {name: InputStats.empty(module.in_features) for name, module in modules.items()}
+        handles = [module.register_forward_pre_hook(lambda m, args, s=stats[name]: s.add(args[0]))
+                   for name, module in modules.items()]
+        try:
+            self._dense_next = self._forward()
+        finally:
+            for h in handles:
+                h.remove()
+        return stats
+
+    @torch.no_grad()
+    def advance(self, *, recompute: bool) -> None:
+        """Move to the next layer. recompute=True reruns the (possibly pruned) current layer;
+        otherwise the outputs seen by the last `collect` (the unpruned layer) are used."""
+        if recompute or self._dense_next is None:
+            self.hidden = self._forward()
+        else:
+            self.hidden = self._dense_next
+        self._dense_next = None
+        self.layer += 1
+
+    def _forward(self) -> list[torch.Tensor]:
+        layer = self.adapter.layers(self.model)[self.layer]
+        kwargs = self.layer_kwargs[self.layer]
+        return [_first(layer(h, **kwargs)) for h in self.hidden]
+
+
+def _first(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+def first_order_saliency(model: nn.Module, adapter: FamilyAdapter, batches: torch.Tensor, *,
+                         batch_size: int = 4, progress: bool = True) -> list[dict[str, torch.Tensor]]:
+    """Per decoder layer, w * dL/dw for every weight (L = calibration LM loss, summed over batches).
+
+    A unit's first-order loss change when removed is the sum of this over its coupled weights.
+    """
+    layers = adapter.layers(model)
+    params = [dict(layer.named_parameters()) for layer in layers]
+    model.zero_grad(set_to_none=True)
+    for chunk in tqdm(batches.split(batch_size), desc="gradients", disable=not progress):
+        model(input_ids=chunk, labels=chunk, use_cache=False).loss.backward()
+    saliency = [{name: (p.detach() * p.grad).detach() for name, p in layer_params.items() if p.grad is not None}
+                for layer_params in params]
+    model.zero_grad(set_to_none=True)
+    return saliency

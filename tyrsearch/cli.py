@@ -1,0 +1,167 @@
+"""The `tyrsearch` command line. Every command that produces something writes into --out and, with
+--json, prints one JSON object on stdout. User errors exit with status 2 and one line on stderr."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import click
+
+from tyrsearch.errors import UserError
+
+MODEL_HELP = "a local HF folder, a .gguf file, or an alias (smollm2-135m, gemma3-270m)"
+TEXT_HELP = "a corpus (c4, wiki, wiki-summaries) or a UTF-8 text file"
+
+
+def _emit(result: dict, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        for key, value in result.items():
+            if not isinstance(value, list | dict):
+                click.echo(f"{key}: {value}")
+
+
+def _check_out_dir(out: Path, *, overwrite: bool) -> None:
+    """Refuse a used or unwritable --out before any work is done."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a folder path")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"--out {out} already exists and is not empty; choose a new folder or pass --overwrite")
+    parent = out.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=parent).close()
+    except OSError as exc:
+        raise UserError(f"--out {out} is not writable ({exc.strerror}); choose a folder you can write to") from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="tyrsearch")
+def cli() -> None:
+    """tyrsearch: find how much to prune in each layer of a transformer, prune it, and ship it."""
+
+
+@cli.command("eval")
+@click.option("--model", "model_ref", required=True, help=MODEL_HELP)
+@click.option("--text", "text_source", default="wiki-summaries", show_default=True, help=TEXT_HELP)
+@click.option("--seq-len", default=512, show_default=True, type=click.IntRange(min=2))
+@click.option("--max-tokens", default=65536, show_default=True, type=click.IntRange(min=2),
+              help="tokens of text to evaluate (whole sequences of --seq-len)")
+@click.option("--zero-shot", "zero_shot_limit", default=0, show_default=True, type=click.IntRange(min=0),
+              help="also score N examples each of ARC-Easy, PIQA, HellaSwag, WinoGrande (0: skip)")
+@click.option("--batch-size", default=4, show_default=True, type=click.IntRange(min=1))
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object on stdout")
+def eval_command(model_ref: str, text_source: str, seq_len: int, max_tokens: int, zero_shot_limit: int,
+                 batch_size: int, as_json: bool) -> None:
+    """Perplexity (and optionally zero-shot accuracy) of a model on a text."""
+    from tyrsearch import assets, data, evaluate
+
+    text = assets.read_text(text_source)
+    model, tokenizer = assets.load_model(model_ref)
+    batches = data.eval_batches(tokenizer, text, seq_len=seq_len, max_tokens=max_tokens)
+    start = time.perf_counter()
+    result = evaluate.perplexity(model, batches, batch_size=batch_size)
+    elapsed = time.perf_counter() - start
+    out = {
+        "ppl": result["ppl"], "tokens": result["tokens"],
+        "params": evaluate.total_params(model), "decoder_params": evaluate.decoder_params(model),
+        "model": model_ref, "text": text_source, "seq_len": seq_len,
+        "time_s": round(elapsed, 3), "tokens_per_s": round(result["tokens"] / elapsed, 1),
+    }
+    if zero_shot_limit:
+        out["zero_shot"] = evaluate.zero_shot(model, tokenizer, limit=zero_shot_limit)
+    _emit(out, as_json)
+
+
+@cli.command("prune")
+@click.option("--model", "model_ref", required=True, help=MODEL_HELP)
+@click.option("--criterion", default="osscar", show_default=True,
+              help="local criterion: osscar, flap, wanda, taylor, magnitude, random")
+@click.option("--sparsity", required=True, type=float,
+              help="fraction in [0, 1) of the decoder layers' prunable parameters to remove "
+                   "(q/k/v/o and gate/up/down weights; embeddings and lm_head excluded)")
+@click.option("--allocation", default="uniform", show_default=True, help="uniform or owl")
+@click.option("--attention-sparsity", default=0.0, show_default=True, type=float,
+              help="fraction of each layer's attention removed (whole heads / KV groups); MLP channels do the rest")
+@click.option("--calib", "calib_source", default="c4", show_default=True, help=TEXT_HELP)
+@click.option("--calib-seqs", default=64, show_default=True, type=click.IntRange(min=1),
+              help="calibration sequences of --seq-len tokens")
+@click.option("--seq-len", default=512, show_default=True, type=click.IntRange(min=2))
+@click.option("--sequential/--no-sequential", default=True, show_default=True,
+              help="calibrate each layer on the outputs of the already pruned layers before it")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
+              help="folder for the pruned HF model and result.json")
+@click.option("--overwrite", is_flag=True, help="replace --out if it exists")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object on stdout")
+def prune_command(model_ref: str, criterion: str, sparsity: float, allocation: str, attention_sparsity: float,
+                  calib_source: str, calib_seqs: int, seq_len: int, sequential: bool, seed: int, out_dir: Path,
+                  overwrite: bool, as_json: bool) -> None:
+    """Prune a model one-shot with a local criterion and a layer allocation; save it as an HF folder."""
+    from tyrsearch import allocation as allocations
+    from tyrsearch import assets, data, evaluate
+    from tyrsearch.local import make_criterion
+    from tyrsearch.materialize import save_pruned
+    from tyrsearch.models import adapter_for
+    from tyrsearch.pruner import OneShotConfig, one_shot
+
+    # everything a user can get wrong is checked before the model is loaded
+    allocations.check_sparsity(sparsity)
+    allocations.check_sparsity(attention_sparsity, flag="--attention-sparsity")
+    make_criterion(criterion)
+    if allocation not in allocations.ALLOCATIONS:
+        raise UserError(f"unknown allocation {allocation!r}: choose one of {', '.join(allocations.ALLOCATIONS)}")
+    _check_out_dir(out_dir, overwrite=overwrite)
+    text = assets.read_text(calib_source)
+
+    model, tokenizer = assets.load_model(model_ref)
+    adapter_for(model)
+    batches = data.calibration_batches(tokenizer, text, seq_len=seq_len, count=calib_seqs, seed=seed)
+    before = {"params": evaluate.total_params(model), "decoder_params": evaluate.decoder_params(model)}
+    config = OneShotConfig(criterion=criterion, sparsity=sparsity, allocation=allocation,
+                           attention_sparsity=attention_sparsity, sequential=sequential, seed=seed)
+    report = one_shot(model, config, batches, progress=True)
+    result = {
+        "model": model_ref,
+        "out": str(out_dir),
+        "params_before": before["params"], "params_after": evaluate.total_params(model),
+        "decoder_params_before": before["decoder_params"], "decoder_params_after": evaluate.decoder_params(model),
+        "calibration": {"source": calib_source, "sequences": calib_seqs, "seq_len": seq_len,
+                        "tokens": int(batches.numel()), "seed": seed},
+        **report,
+    }
+    save_pruned(model, tokenizer, out_dir, result=result)
+    _emit(result, as_json)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: user errors become one line on stderr and exit status 2."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own bars show the long work; loading bars would bury errors
+    try:
+        cli.main(args=argv, prog_name="tyrsearch", standalone_mode=False)
+    except UserError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.UsageError as exc:
+        command = exc.ctx.command_path if exc.ctx else "tyrsearch"
+        click.echo(f"error: {exc.format_message()} (see `{command} --help`)", err=True)
+        sys.exit(2)
+    except click.ClickException as exc:
+        click.echo(f"error: {exc.format_message()}", err=True)
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()
