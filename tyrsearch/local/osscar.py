@@ -45,7 +45,9 @@ class Osscar(Criterion):
         cols = group.columns(candidates).reshape(len(candidates), group.width)  # [C, width]
         h_blocks = h_inv[cols[:, :, None], cols[:, None, :]]  # [C, width, width]
         w_blocks = weight[:, cols]  # [out, C, width]
-        gram = torch.einsum("oci,ocj->cij", w_blocks, w_blocks)  # [C, width, width]: W_u^T W_u
+        if group.width == 1:  # many 1x1 blocks: elementwise ops beat batched matmul / inverse by ~100x
+            return w_blocks.pow(2).sum(dim=(0, 2)) / h_blocks[:, 0, 0]
+        gram = w_blocks.permute(1, 2, 0) @ w_blocks.permute(1, 0, 2)  # [C, width, width]: W_u^T W_u
         return (torch.linalg.inv(h_blocks) * gram).sum(dim=(1, 2))
 
     def select(self, group: UnitGroup, keep: int) -> Selection:
@@ -63,22 +65,21 @@ class Osscar(Criterion):
             open_blocks = removed_per_block < units // blocks - keep
             candidates = (alive & open_blocks[block_of]).nonzero().squeeze(1)
             costs = self._removal_costs(weight, h_inv, group, candidates)
-            chosen = []
-            for idx in costs.argsort().tolist():  # cheapest first, within each block's quota
-                unit = candidates[idx].item()
-                b = block_of[unit].item()
-                if removed_per_block[b] < units // blocks - keep and len(chosen) < per_round:
-                    chosen.append(unit)
-                    removed_per_block[b] += 1
-            chosen_t = torch.tensor(chosen)
+            # cheapest first, at most `per_round`, never more from a block than its quota
+            ranked = candidates[costs.argsort()]
+            ranked_block = block_of[ranked]
+            one_hot = torch.nn.functional.one_hot(ranked_block, blocks)  # [C, blocks]
+            rank_in_block = (one_hot.cumsum(0) * one_hot).sum(1) - 1
+            quota = units // blocks - keep - removed_per_block
+            chosen_t = ranked[rank_in_block < quota[ranked_block]][:per_round]
+            removed_per_block += torch.bincount(block_of[chosen_t], minlength=blocks)
             alive[chosen_t] = False
             cols = group.columns(chosen_t)
             # OBS update: remove columns `cols`, compensate through the others
             pivot = torch.linalg.inv(h_inv[cols][:, cols])  # [|cols|, |cols|]
             weight = weight - weight[:, cols] @ pivot @ h_inv[cols]
             h_inv = h_inv - h_inv[:, cols] @ pivot @ h_inv[cols]
-            # the removed entries are now ~0 up to rounding: make them exactly 0, since subnormal
-            # leftovers slow every later float64 op on them down by orders of magnitude
+            # the removed entries are now ~0 up to rounding: make them exactly 0
             weight[:, cols] = 0
             h_inv[cols] = 0
             h_inv[:, cols] = 0
