@@ -97,6 +97,15 @@ def _publish(tmp: Path, *, mode: int) -> None:
             child.chmod(0o666 & ~umask)
 
 
+def _remove_stale(final: Path) -> None:
+    # Leftovers of a build that was killed; only called under the lock, so none is in progress.
+    for stale in final.parent.glob(f".{final.name}.*.tmp"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+
+
 def _log(msg: str) -> None:
     print(f"tyrsearch: {msg}", file=sys.stderr, flush=True)
 
@@ -163,6 +172,7 @@ def _joined_gguf(alias: str, asset: _ModelAsset) -> Path:
     with _file_lock(target.with_name(target.name + ".lock")):
         if target.exists():
             return target
+        _remove_stale(target)
         _log(f"joining {len(chunks)} parts of {alias} once into {target}")
         fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
         tmp = Path(tmp_name)
@@ -256,6 +266,7 @@ def _converted(gguf: Path) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     with _file_lock(dest.with_name(dest.name + ".lock")):
         if not dest.is_dir():
+            _remove_stale(dest)
             _convert_gguf(gguf, dest)
     return dest
 

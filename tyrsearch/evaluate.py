@@ -7,6 +7,7 @@ sequence at a time so a large vocabulary (Gemma: 262k) does not multiply the mem
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 from collections.abc import Callable, Iterator, Sequence
@@ -31,12 +32,19 @@ def _chunks(batches: torch.Tensor, batch_size: int, *, desc: str, progress: bool
         yield batches[start : start + batch_size]
 
 
-def _logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    input_ids = input_ids.to(model.device)
+def _logits(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *, keep: range | None = None
+) -> tuple[torch.Tensor, int]:
+    """Float logits and the position of their first column: only positions in ``keep`` when the model
+    takes ``logits_to_keep`` (the LM head is most of the compute with a large vocabulary), else all."""
+    kwargs = {"input_ids": input_ids.to(model.device), "use_cache": False}
     if attention_mask is not None:
-        attention_mask = attention_mask.to(model.device)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    return out.logits.float()
+        kwargs["attention_mask"] = attention_mask.to(model.device)
+    first = 0
+    if keep is not None and "logits_to_keep" in inspect.signature(model.forward).parameters:
+        kwargs["logits_to_keep"] = torch.arange(keep.start, keep.stop, device=model.device)
+        first = keep.start
+    return model(**kwargs).logits.float(), first
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -53,7 +61,7 @@ def perplexity(model, batches: torch.Tensor, *, batch_size: int = 4, progress: b
     """
     total, count = 0.0, 0
     for chunk in _chunks(batches, batch_size, desc="perplexity", progress=progress):
-        logits = _logits(model, chunk)
+        logits = _logits(model, chunk)[0]
         targets = chunk[:, 1:].to(logits.device)
         for row in range(chunk.shape[0]):
             nll = F.cross_entropy(logits[row, :-1], targets[row], reduction="none")
@@ -71,39 +79,61 @@ def perplexity(model, batches: torch.Tensor, *, batch_size: int = 4, progress: b
 class Reference:
     """Next-token log-probabilities of a reference model on fixed batches, computed once.
 
-    ``log_probs`` [n, L-1, k] are log-softmax over the full vocabulary at positions 0..L-2, sorted
-    descending; ``indices`` [n, L-1, k] are their token ids, or None when all V tokens are stored
-    (then ``log_probs`` is [n, L-1, V] in vocabulary order).
+    At positions 0..L-2 of each sequence: ``log_probs`` [n, L-1, k] are the top-k log-softmax values over
+    the full vocabulary, sorted descending, ``indices`` [n, L-1, k] their token ids and ``rest`` [n, L-1]
+    (float64) the probability mass outside them. With all tokens kept, ``log_probs`` is [n, L-1, V] in
+    vocabulary order and ``indices`` and ``rest`` are None.
     """
 
     batches: torch.Tensor
     log_probs: torch.Tensor
     indices: torch.Tensor | None
+    rest: torch.Tensor | None
 
     @property
     def k(self) -> int | None:
         return None if self.indices is None else self.log_probs.shape[-1]
 
 
+def _mass(log_probs: torch.Tensor) -> torch.Tensor:
+    return log_probs.exp().sum(-1, dtype=torch.float64)
+
+
+def _top(log_probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k log-probs, their ids and the mass outside them, for log-probs [T, V].
+
+    The rest is the float64 difference of two sums of the same float32 probabilities, so it is exactly
+    the mass of the other tokens (0 when k == V) rather than 1 - sum(top), which float32 rounding of
+    the log-probs would turn into noise of about 1e-7.
+    """
+    top = log_probs.topk(min(k, log_probs.shape[-1]), dim=-1)
+    rest = (_mass(log_probs) - _mass(top.values)).clamp_min(0.0)
+    return top.values, top.indices, rest
+
+
 @torch.inference_mode()
 def dense_topk(model, batches: torch.Tensor, *, k: int | None, batch_size: int = 4, progress: bool = True) -> Reference:
     """Run the reference model once and keep its top-``k`` next-token log-probs (all when ``k`` is None;
-    that costs n*(L-1)*V floats)."""
+    that stores n*(L-1)*V floats)."""
     if k is not None and k < 1:
         raise ValueError(f"k must be >= 1 or None, got {k}")
-    values, indices = [], []
+    values, indices, rests = [], [], []
     for chunk in _chunks(batches, batch_size, desc="reference", progress=progress):
-        log_probs = torch.log_softmax(_logits(model, chunk)[:, :-1], dim=-1).cpu()
-        if k is None:
-            values.append(log_probs)
-        else:
-            top = log_probs.topk(min(k, log_probs.shape[-1]), dim=-1)
-            values.append(top.values)
-            indices.append(top.indices)
+        logits = _logits(model, chunk)[0][:, :-1]
+        for row in range(chunk.shape[0]):
+            log_probs = torch.log_softmax(logits[row], dim=-1)
+            if k is None:
+                values.append(log_probs.cpu())
+            else:
+                top_values, top_indices, rest = _top(log_probs, k)
+                values.append(top_values.cpu())
+                indices.append(top_indices.cpu())
+                rests.append(rest.cpu())
     return Reference(
         batches=batches,
-        log_probs=torch.cat(values),
-        indices=torch.cat(indices) if indices else None,
+        log_probs=torch.stack(values),
+        indices=torch.stack(indices) if indices else None,
+        rest=torch.stack(rests) if rests else None,
     )
 
 
@@ -111,53 +141,54 @@ def _kl_full(ref_lp: torch.Tensor, lp: torch.Tensor) -> torch.Tensor:
     """Sum over positions of KL(P_ref || P) with full-vocabulary log-probs [T, V]."""
     p = ref_lp.exp()
     terms = torch.where(p > 0, p * (ref_lp - lp), 0.0)  # 0 log 0 = 0, also for -inf logits
-    return terms.sum(-1).double().sum()
+    return terms.sum(-1, dtype=torch.float64).sum()
 
 
-def _kl_topk(ref_top: torch.Tensor, lp_top: torch.Tensor) -> torch.Tensor:
-    """Sum over positions of the KL between the (k+1)-bucket coarse-grainings: the reference's top-k
-    tokens plus one bucket for the remaining mass. ``ref_top``/``lp_top`` [T, k] are full-vocabulary
-    log-probs of the reference / model at the reference's top-k tokens."""
-    ref_top, lp_top = ref_top.double(), lp_top.double()
+def _kl_topk(ref_top: torch.Tensor, ref_rest: torch.Tensor, top: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
+    """Sum over positions of the KL between the (k+1)-bucket coarse-grainings (the reference's top-k
+    tokens and one bucket for all others). ``ref_top``/``top`` [T, k]: full-vocabulary log-probs of the
+    reference / model at those tokens; ``ref_rest``/``rest`` [T]: the mass outside them."""
+    ref_top, top = ref_top.double(), top.double()
     p = ref_top.exp()
-    head = torch.where(p > 0, p * (ref_top - lp_top), 0.0).sum(-1)
-    tiny = torch.finfo(torch.float64).tiny
-    # Rest mass 1 - sum(p) via expm1 for precision; clamp: float rounding can push it to or below 0.
-    rest_ref = (-torch.expm1(torch.logsumexp(ref_top, -1))).clamp_min(0.0)
-    rest = (-torch.expm1(torch.logsumexp(lp_top, -1))).clamp_min(tiny)
-    tail = torch.xlogy(rest_ref, rest_ref) - torch.xlogy(rest_ref, rest)
+    head = torch.where(p > 0, p * (ref_top - top), 0.0).sum(-1)
+    # The model may put (numerically) no mass outside the reference's top-k: clamp to keep it finite.
+    tail = torch.xlogy(ref_rest, ref_rest) - torch.xlogy(ref_rest, rest.clamp_min(torch.finfo(torch.float64).tiny))
     return (head + tail).sum()
 
 
-def _reference_chunks(
+_RowRef = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]  # (log-probs, ids, rest)
+
+
+def _reference_rows(
     reference, batches: torch.Tensor, top_k: int | None, batch_size: int, progress: bool
-) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
-    """Yield (input chunk, reference log-probs, reference indices or None) per chunk."""
-    if isinstance(reference, Reference):
-        if reference.k is not None and top_k is not None and top_k > reference.k:
-            raise ValueError(f"top_k={top_k} exceeds the k={reference.k} stored in the reference")
-        if reference.k is not None and top_k is None:
-            top_k = reference.k  # only the top-k is known: the (k+1)-bucket KL is the best estimate
-        start = 0
+) -> Iterator[tuple[torch.Tensor, list[_RowRef]]]:
+    """Yield each input chunk with, per sequence, the reference's full log-probs (ids and rest None) or
+    its top-k log-probs, their ids and the mass outside them."""
+    if not isinstance(reference, Reference):
         for chunk in _chunks(batches, batch_size, desc="KL", progress=progress):
-            ref_lp = reference.log_probs[start : start + chunk.shape[0]]
-            ref_idx = None if reference.indices is None else reference.indices[start : start + chunk.shape[0]]
-            start += chunk.shape[0]
-            if top_k is not None:
-                if ref_idx is None:
-                    top = ref_lp.topk(top_k, dim=-1)
-                    ref_lp, ref_idx = top.values, top.indices
-                else:
-                    ref_lp, ref_idx = ref_lp[..., :top_k], ref_idx[..., :top_k]
-            yield chunk, ref_lp, ref_idx
+            logits = _logits(reference, chunk)[0][:, :-1]
+            rows = []
+            for row in range(chunk.shape[0]):
+                log_probs = torch.log_softmax(logits[row], dim=-1)
+                rows.append((log_probs, None, None) if top_k is None else _top(log_probs, top_k))
+            yield chunk, rows
         return
+    if reference.k is not None and top_k is not None and top_k > reference.k:
+        raise ValueError(f"top_k={top_k} exceeds the k={reference.k} stored in the reference")
+    start = 0
     for chunk in _chunks(batches, batch_size, desc="KL", progress=progress):
-        ref_lp = torch.log_softmax(_logits(reference, chunk)[:, :-1], dim=-1)
-        if top_k is None:
-            yield chunk, ref_lp, None
-        else:
-            top = ref_lp.topk(top_k, dim=-1)
-            yield chunk, top.values, top.indices
+        rows = []
+        for i in range(start, start + chunk.shape[0]):
+            log_probs = reference.log_probs[i]
+            if reference.indices is None:
+                rows.append((log_probs, None, None) if top_k is None else _top(log_probs, top_k))
+            elif top_k is None or top_k == reference.k:
+                rows.append((log_probs, reference.indices[i], reference.rest[i]))
+            else:  # a prefix of the sorted top-k; the dropped tokens join the rest
+                dropped = _mass(log_probs[:, top_k:])
+                rows.append((log_probs[:, :top_k], reference.indices[i, :, :top_k], reference.rest[i] + dropped))
+        start += chunk.shape[0]
+        yield chunk, rows
 
 
 @torch.inference_mode()
@@ -184,7 +215,7 @@ def kl_divergence(
     and "any other token": ``sum_{v in S} p(v) log(p(v)/q(v)) + p_rest log(p_rest/q_rest)`` with
     ``p_rest = 1 - sum_S p``, ``q_rest = 1 - sum_S q`` (p, q full-vocabulary softmax). It is a true KL,
     so it is >= 0, exactly 0 for identical models, never above the full-vocabulary KL (data processing
-    inequality) and reaches it as k grows.
+    inequality) and equal to it at k = V.
     """
     if isinstance(reference, Reference):
         if batches is None:
@@ -195,15 +226,17 @@ def kl_divergence(
         raise ValueError("batches are required when the reference is a model")
     total = torch.zeros((), dtype=torch.float64)
     positions = 0
-    for chunk, ref_lp, ref_idx in _reference_chunks(reference, batches, top_k, batch_size, progress):
-        logits = _logits(model, chunk)[:, :-1]
-        for row in range(chunk.shape[0]):
+    for chunk, rows in _reference_rows(reference, batches, top_k, batch_size, progress):
+        logits = _logits(model, chunk)[0][:, :-1]
+        for row, (ref_lp, ref_idx, ref_rest) in enumerate(rows):
             lp = torch.log_softmax(logits[row], dim=-1)
-            r_lp = ref_lp[row].to(lp.device)
+            ref_lp = ref_lp.to(lp.device)
             if ref_idx is None:
-                total += _kl_full(r_lp, lp).cpu()
+                total += _kl_full(ref_lp, lp).cpu()
             else:
-                total += _kl_topk(r_lp, lp.gather(-1, ref_idx[row].to(lp.device))).cpu()
+                top = lp.gather(-1, ref_idx.to(lp.device))
+                rest = (_mass(lp) - _mass(top)).clamp_min(0.0)
+                total += _kl_topk(ref_lp, ref_rest.to(lp.device), top, rest).cpu()
             positions += lp.shape[0]
     return float(total / positions)
 
@@ -317,10 +350,12 @@ def _score(model, requests: Sequence[tuple[list[int], int]], *, batch_size: int,
             seq = requests[i][0]
             ids[row, : len(seq)] = torch.tensor(seq)
             mask[row, : len(seq)] = 1
-        logits = _logits(model, ids, mask)  # right padding: real positions never see the pads
+        # Right padding: real positions never see the pads. Logits only where a continuation is predicted.
+        keep = range(min(requests[i][1] for i in idx) - 1, width - 1)
+        logits, first = _logits(model, ids, mask, keep=keep)
         for row, i in enumerate(idx):
             seq, cont = requests[i]
-            lp = torch.log_softmax(logits[row, cont - 1 : len(seq) - 1], dim=-1)
+            lp = torch.log_softmax(logits[row, cont - 1 - first : len(seq) - 1 - first], dim=-1)
             target = torch.tensor(seq[cont:], device=lp.device)
             scores[i] = lp.gather(-1, target[:, None]).double().sum().item()
     return scores

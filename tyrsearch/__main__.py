@@ -1,0 +1,5 @@
+"""`python -m tyrsearch` runs the command line."""
+
+from tyrsearch.cli import main
+
+main()
