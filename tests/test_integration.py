@@ -38,5 +38,6 @@ def test_prune_reload_eval(smollm2, tmp_path):
     with torch.no_grad():
         assert torch.equal(reloaded(heldout[:1]).logits, model(heldout[:1]).logits)
     pruned_ppl = evaluate.perplexity(reloaded, heldout, progress=False)["ppl"]
-    # 2k calibration tokens only: not the benchmark's quality, but far from collapse (magnitude: > 1e6)
-    assert dense_ppl < pruned_ppl < 4 * dense_ppl
+    # 2k calibration tokens only (benchmark: 16k): far from the benchmark's quality, but from collapse too
+    # (magnitude pruning gives ppl > 1e6 here)
+    assert dense_ppl < pruned_ppl < 10 * dense_ppl

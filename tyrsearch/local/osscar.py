@@ -7,9 +7,7 @@ columns of W and letting the other columns compensate optimally costs (Optimal B
 
 Units are removed in rounds, cheapest first; after each round W and Hinv are updated as if the removed
 columns were gone (OBS update), so later scores see the compensation. Finally the kept columns are
-refit exactly by least squares against the dense output: W_K = W H[:, K] (H_KK)^-1, with an
-intercept by default (x augmented by a constant 1), so a bias absorbs the removed units' mean output
-as in FLAP, but fitted jointly with the kept columns.
+refit exactly by least squares against the dense output: W_K = W H[:, K] (H_KK)^-1.
 """
 
 import math
@@ -25,32 +23,21 @@ def damped(h: torch.Tensor, damp: float) -> torch.Tensor:
     return h + damp * h.diagonal().mean().clamp_min(1e-12) * torch.eye(h.shape[0], dtype=h.dtype)
 
 
-def least_squares_refit(weight: torch.Tensor, group: UnitGroup, cols: torch.Tensor, *, damp: float,
-                        intercept: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Columns `cols` of a consumer (and a bias shift) refit to reproduce weight @ x from x[cols] alone.
-
-    Returns ([out, K] weight, [out] bias shift or None).
-    """
-    h, k = group.xtx.double(), len(cols)
-    gram = damped(h[cols][:, cols], damp)  # [K, K]
-    rhs = weight @ h[:, cols]  # [out, K]: sum over tokens of (W x) x_K^T
-    if intercept:
-        s = group.x_sum.double()
-        gram = torch.cat([torch.cat([gram, s[cols, None]], 1),
-                          torch.cat([s[cols], torch.tensor([float(group.tokens)], dtype=h.dtype)])[None]])
-        rhs = torch.cat([rhs, (weight @ s)[:, None]], 1)  # [out, K + 1]
-    solution = torch.linalg.solve(gram, rhs.T).T  # [out, K (+ 1)]
-    return solution[:, :k], (solution[:, k] if intercept else None)
+def least_squares_refit(weight: torch.Tensor, h: torch.Tensor, cols: torch.Tensor, *,
+                        damp: float) -> torch.Tensor:
+    """[out, K]: the columns `cols` of a consumer refit to reproduce weight @ x from x[cols] alone."""
+    h_kk = damped(h[cols][:, cols], damp)
+    rhs = (weight @ h[:, cols]).T  # [K, out]
+    return torch.linalg.solve(h_kk, rhs).T
 
 
 class Osscar(Criterion):
     name = "osscar"
     needs_stats = True
 
-    def __init__(self, *, rounds: int = 16, damp: float = 0.01, intercept: bool = True):
+    def __init__(self, *, rounds: int = 16, damp: float = 0.01):
         self.rounds = rounds
         self.damp = damp
-        self.intercept = intercept
 
     def _removal_costs(self, weight: torch.Tensor, h_inv: torch.Tensor, group: UnitGroup,
                        candidates: torch.Tensor) -> torch.Tensor:
@@ -97,6 +84,5 @@ class Osscar(Criterion):
             h_inv[cols] = 0
             h_inv[:, cols] = 0
         kept = alive.nonzero().squeeze(1)
-        refit, bias_shift = least_squares_refit(dense, group, group.columns(kept), damp=self.damp,
-                                                intercept=self.intercept)
-        return Selection(kept=kept, consumer=refit, bias_shift=bias_shift)
+        refit = least_squares_refit(dense, h, group.columns(kept), damp=self.damp)
+        return Selection(kept=kept, consumer=refit)
