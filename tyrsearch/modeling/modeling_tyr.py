@@ -99,9 +99,11 @@ def reshape_layer(layer: nn.Module, block: dict, *, layer_idx: int, head_dim: in
 class _PerLayerShapes:
     """Mixin for a CausalLM: after the dense layers are built, give each its pruned shape."""
 
-    def _reshape_layers(self) -> None:
-        for i, block in enumerate(self.config.block_configs or []):
-            reshape_layer(self.model.layers[i], block, layer_idx=i, head_dim=self.config.head_dim)
+    def __init__(self, config):
+        super().__init__(config)
+        for i, block in enumerate(config.block_configs or []):
+            reshape_layer(self.model.layers[i], block, layer_idx=i, head_dim=config.head_dim)
+        self.post_init()
 
 
 # One (config, model) pair per base family. Configs are strict dataclasses in transformers 5:
@@ -135,37 +137,17 @@ class TyrGemma3TextConfig(Gemma3TextConfig):
 class TyrLlamaForCausalLM(_PerLayerShapes, LlamaForCausalLM):
     config_class = TyrLlamaConfig
 
-    def __init__(self, config: TyrLlamaConfig):
-        super().__init__(config)
-        self._reshape_layers()
-        self.post_init()
-
 
 class TyrMistralForCausalLM(_PerLayerShapes, MistralForCausalLM):
     config_class = TyrMistralConfig
-
-    def __init__(self, config: TyrMistralConfig):
-        super().__init__(config)
-        self._reshape_layers()
-        self.post_init()
 
 
 class TyrQwen2ForCausalLM(_PerLayerShapes, Qwen2ForCausalLM):
     config_class = TyrQwen2Config
 
-    def __init__(self, config: TyrQwen2Config):
-        super().__init__(config)
-        self._reshape_layers()
-        self.post_init()
-
 
 class TyrGemma3ForCausalLM(_PerLayerShapes, Gemma3ForCausalLM):
     config_class = TyrGemma3TextConfig
-
-    def __init__(self, config: TyrGemma3TextConfig):
-        super().__init__(config)
-        self._reshape_layers()
-        self.post_init()
 
 
 # base model_type -> (pruned config class, pruned model class)
