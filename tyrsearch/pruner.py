@@ -18,7 +18,7 @@ from tyrsearch import allocation
 from tyrsearch.calibration import InputStats, LayerInputs, first_order_saliency
 from tyrsearch.errors import UserError
 from tyrsearch.local import Criterion, make_criterion
-from tyrsearch.models import ATTENTION_UNITS, MLP, FamilyAdapter, LayerShape, Selection, adapter_for
+from tyrsearch.models import ATTENTION_UNITS, MLP, Q_HEADS, FamilyAdapter, LayerShape, Selection, adapter_for
 
 
 def dims_of(model: nn.Module) -> allocation.Dims:
@@ -66,8 +66,8 @@ def prune(model: nn.Module, plan: list[LayerShape], criterion: Criterion, batche
         layer, target = layers[idx], plan[idx]
         stats: dict[str, InputStats] = {}
         if inputs is not None:
-            consumers = {_block(u): adapter.consumer(layer, u) for u in (ATTENTION_UNITS[0], MLP)}
-            stats = inputs.collect({b: c for b, c in consumers.items() if c is not None})
+            consumers = {"attention": adapter.consumer(layer, Q_HEADS), "mlp": adapter.consumer(layer, MLP)}
+            stats = inputs.collect({block: c for block, c in consumers.items() if c is not None})
         changed = False
         for unit in adapter.unit_types:
             shape = adapter.shape(layer)
