@@ -1,0 +1,178 @@
+"""The supernet: every layer locally pruned at a grid of levels, stored compactly, assembled on demand.
+
+For each layer and searched unit type, level l keeps `centre - l * step` units (l in -L..L, clipped to
+[min_keep, all]). A level step is a fixed count of units per unit type, so moving one layer up a level
+and another down keeps the global count exact (away from the clip bounds).
+
+Variants are built in layer order with *expectation error accumulation*: layer l is calibrated on the
+outputs of layers < l at their centre variant (the expected network), not on the dense model's.
+
+On disk: one safetensors shard per (layer, unit type) holding, per level, the kept unit indices and the
+reconstructed consumer slice (and bias shift) only, plus `manifest.json` with the model and calibration
+fingerprints, the criterion, the grid and the sha256 of every shard. Loading verifies the checksums.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from tyrsearch.calibration import LayerInputs
+from tyrsearch.errors import UserError
+from tyrsearch.local import Criterion
+from tyrsearch.models import ATTENTION_UNITS, MLP, Q_HEADS, LayerShape, Selection, adapter_for
+from tyrsearch.search.space import SearchSpace
+
+MANIFEST = "manifest.json"
+
+
+def fingerprint(tensors: list[torch.Tensor]) -> str:
+    """sha256 over the bytes of `tensors` (model weights, calibration tokens)."""
+    digest = hashlib.sha256()
+    for t in tensors:
+        digest.update(t.detach().contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def level_keeps(*, centre: int, step: int, levels: int, min_keep: int, units: int) -> list[int]:
+    """Units kept at levels -L..L (index 0 is level -L)."""
+    return [min(max(centre - level * step, min_keep), units) for level in range(-levels, levels + 1)]
+
+
+@dataclass
+class Supernet:
+    """Variants per (layer, unit type, level); `grid[layer][unit]` lists the units kept per level."""
+
+    grid: list[dict[str, list[int]]]
+    levels: int
+    variants: dict[tuple[int, str, int], Selection]  # (layer, unit, level) -> selection
+    manifest: dict
+
+    def selection(self, layer: int, unit: str, level: int) -> Selection:
+        return self.variants[(layer, unit, level)]
+
+    def apply(self, model: nn.Module, levels: list[dict[str, int]]) -> nn.Module:
+        """Cut `model` (dense, same weights as at build time) in place to the given level per layer."""
+        adapter = adapter_for(model)
+        head_dim = adapter.head_dim(model)
+        for idx, layer in enumerate(adapter.layers(model)):
+            for unit, level in levels[idx].items():
+                adapter.prune_layer_(layer, unit, self.selection(idx, unit, level), layer_idx=idx, head_dim=head_dim)
+        return model
+
+    # -- storage --------------------------------------------------------------------------------------
+
+    def save(self, folder: str | Path) -> Path:
+        """Write the shards and the manifest into `folder`, atomically (temp folder, then rename)."""
+        folder = Path(folder)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        try:
+            shards = {}
+            for idx, units in enumerate(self.grid):
+                for unit, keeps in units.items():
+                    tensors = {}  # one variant per distinct kept count: clipped levels share it
+                    for level, keep in zip(range(-self.levels, self.levels + 1), keeps, strict=True):
+                        sel = self.selection(idx, unit, level)
+                        tensors[f"{keep}.kept"] = sel.kept.contiguous()
+                        if sel.consumer is not None:
+                            tensors[f"{keep}.consumer"] = sel.consumer.float().contiguous()
+                        if sel.bias_shift is not None:
+                            tensors[f"{keep}.bias_shift"] = sel.bias_shift.float().contiguous()
+                    name = f"layer{idx:03d}.{unit}.safetensors"
+                    save_file(tensors, tmp / name)
+                    shards[name] = hashlib.sha256((tmp / name).read_bytes()).hexdigest()
+            manifest = {**self.manifest, "grid": self.grid, "levels": self.levels, "shards": shards}
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+            if folder.exists():
+                shutil.rmtree(folder)
+            tmp.rename(folder)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self.manifest = manifest
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> Supernet:
+        """Read a saved supernet; a missing, truncated or altered shard is a UserError."""
+        folder = Path(folder)
+        try:
+            manifest = json.loads((folder / MANIFEST).read_text())
+        except (OSError, json.JSONDecodeError):
+            raise UserError(f"supernet {folder} has no readable {MANIFEST}: rebuild it") from None
+        variants = {}
+        for name, sha in manifest["shards"].items():
+            path = folder / name
+            if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != sha:
+                raise UserError(f"supernet shard {path} is missing or corrupt (checksum mismatch): "
+                                "rebuild the supernet")
+            idx, unit = int(name[5:8]), name.split(".")[1]
+            tensors = load_file(path)
+            keeps = manifest["grid"][idx][unit]
+            for level, keep in zip(range(-manifest["levels"], manifest["levels"] + 1), keeps, strict=True):
+                variants[(idx, unit, level)] = Selection(kept=tensors[f"{keep}.kept"],
+                                                         consumer=tensors.get(f"{keep}.consumer"),
+                                                         bias_shift=tensors.get(f"{keep}.bias_shift"))
+        return cls(grid=manifest["grid"], levels=manifest["levels"], variants=variants, manifest=manifest)
+
+
+def build_supernet(model: nn.Module, criterion: Criterion, batches: torch.Tensor, *, space: SearchSpace,
+                   centre: list[LayerShape], expectation: bool = True, batch_size: int = 8,
+                   progress: bool = True) -> Supernet:
+    """Local variants of every layer at every level of `space` around `centre` (the dense model is untouched).
+
+    expectation=True calibrates layer l on layers < l at their centre variant; False on the dense model.
+    """
+    adapter = adapter_for(model)
+    dense_shapes = adapter.shapes(model)
+    space.check_model(dense_shapes, adapter.unit_types)
+    head_dim = adapter.head_dim(model)
+    work = copy.deepcopy(model)  # cut in place to the centre as the build walks down the layers
+    inputs = LayerInputs(work, adapter, batches, batch_size=batch_size)
+    units = [u for u in adapter.unit_types if u in space.units]
+    grid, variants, input_rms = [], {}, []
+    for idx, layer in enumerate(tqdm(adapter.layers(work), desc=f"supernet ({criterion.name})",
+                                     disable=not progress)):
+        input_rms.append(torch.cat(inputs.hidden).pow(2).mean().sqrt().item())
+        blocks = {"attention": adapter.consumer(layer, Q_HEADS), "mlp": adapter.consumer(layer, MLP)}
+        stats = inputs.collect({b: c for b, c in blocks.items() if c is not None})
+        state, shape = layer.state_dict(), adapter.shape(layer)
+        grid.append({})
+        for unit in units:
+            spec = space.units[unit]
+            keeps = level_keeps(centre=centre[idx].units(unit), step=spec.step, levels=space.levels,
+                                min_keep=spec.min_keep, units=shape.units(unit))
+            grid[idx][unit] = keeps
+            group = adapter.group(state, shape, unit, head_dim=head_dim)
+            s = stats["attention" if unit in ATTENTION_UNITS else "mlp"]
+            group = replace(group, xtx=s.xtx, x_sum=s.x_sum, tokens=s.tokens)
+            by_keep = {}
+            for level, keep in zip(range(-space.levels, space.levels + 1), keeps, strict=True):
+                if keep not in by_keep:
+                    by_keep[keep] = (criterion.select(group, keep) if keep
+                                     else Selection(kept=torch.zeros(0, dtype=torch.long)))
+                variants[(idx, unit, level)] = by_keep[keep]
+        if expectation:
+            for unit in units:
+                adapter.prune_layer_(layer, unit, variants[(idx, unit, 0)], layer_idx=idx, head_dim=head_dim)
+        if idx + 1 < len(dense_shapes):
+            inputs.advance(recompute=expectation)
+    manifest = {
+        "model": fingerprint(list(model.state_dict().values())),
+        "calibration": fingerprint([batches]),
+        "criterion": criterion.name,
+        "expectation": expectation,
+        "input_rms": input_rms,
+    }
+    return Supernet(grid=grid, levels=space.levels, variants=variants, manifest=manifest)
