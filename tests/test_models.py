@@ -166,3 +166,18 @@ def test_removing_a_whole_block_skips_it(tokens):
     assert adapter.shape(layer) == LayerShape(kv_heads=0, q_per_kv=0, intermediate=0)
     assert not any(True for _ in layer.self_attn.parameters()) and not any(True for _ in layer.mlp.parameters())
     assert torch.isfinite(model(tokens).logits).all()
+
+
+def test_osscar_levels_in_one_pass_equal_separate_selections():
+    torch.manual_seed(0)
+    x = torch.randn(3000, 40, dtype=torch.float64) @ torch.randn(40, 40, dtype=torch.float64)
+    from tyrsearch.models import UnitGroup
+
+    group = UnitGroup(producers=(), consumer=torch.randn(12, 40, 1, dtype=torch.float64), xtx=x.T @ x,
+                      x_sum=x.sum(0), tokens=3000)
+    osscar = make_criterion("osscar")
+    together = osscar.select_many(group, [30, 20, 10])
+    for keep in (30, 20, 10):
+        alone = osscar.select(group, keep)
+        assert torch.equal(together[keep].kept, alone.kept) and torch.allclose(together[keep].consumer, alone.consumer)
+    assert set(together[10].kept.tolist()) < set(together[20].kept.tolist()) < set(together[30].kept.tolist())

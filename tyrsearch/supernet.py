@@ -157,11 +157,10 @@ def build_supernet(model: nn.Module, criterion: Criterion, batches: torch.Tensor
             group = adapter.group(state, shape, unit, head_dim=head_dim)
             s = stats["attention" if unit in ATTENTION_UNITS else "mlp"]
             group = replace(group, xtx=s.xtx, x_sum=s.x_sum, tokens=s.tokens)
-            by_keep = {}
+            nonzero = [k for k in keeps if k]
+            by_keep = criterion.select_many(group, nonzero) if nonzero else {}
+            by_keep[0] = Selection(kept=torch.zeros(0, dtype=torch.long))  # the block is removed
             for level, keep in zip(range(-space.levels, space.levels + 1), keeps, strict=True):
-                if keep not in by_keep:
-                    by_keep[keep] = (criterion.select(group, keep) if keep
-                                     else Selection(kept=torch.zeros(0, dtype=torch.long)))
                 variants[(idx, unit, level)] = by_keep[keep]
         if expectation:
             for unit in units:

@@ -26,6 +26,10 @@ class Criterion(ABC):
     def select(self, group: UnitGroup, keep: int) -> Selection:
         """Keep `keep` units in every block of `group`."""
 
+    def select_many(self, group: UnitGroup, keeps: list[int]) -> dict[int, Selection]:
+        """One selection per distinct keep (criteria with nested removal paths do it in one pass)."""
+        return {keep: self.select(group, keep) for keep in set(keeps)}
+
 
 class ScoreCriterion(Criterion):
     """A criterion that scores units independently and keeps the highest scores in each block."""

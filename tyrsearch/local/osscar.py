@@ -5,8 +5,9 @@ columns of W and letting the other columns compensate optimally costs (Optimal B
 
     loss(S) = tr(W_S (Hinv_SS)^-1 W_S^T)
 
-Units are removed in rounds, cheapest first; after each round W and Hinv are updated as if the removed
-columns were gone (OBS update), so later scores see the compensation. Finally the kept columns are
+Units are removed in rounds (removing all would take `rounds` rounds), cheapest first; after each
+round W and Hinv are updated as if the removed columns were gone (OBS update), so later scores see the
+compensation. Finally the kept columns are
 refit exactly by least squares against the dense output: W_K = W H[:, K] (H_KK)^-1.
 """
 
@@ -35,7 +36,7 @@ class Osscar(Criterion):
     name = "osscar"
     needs_stats = True
 
-    def __init__(self, *, rounds: int = 16, damp: float = 0.01):
+    def __init__(self, *, rounds: int = 64, damp: float = 0.01):
         self.rounds = rounds
         self.damp = damp
 
@@ -51,38 +52,46 @@ class Osscar(Criterion):
         return (torch.linalg.inv(h_blocks) * gram).sum(dim=(1, 2))
 
     def select(self, group: UnitGroup, keep: int) -> Selection:
+        return self.select_many(group, [keep])[keep]
+
+    def select_many(self, group: UnitGroup, keeps: list[int]) -> dict[int, Selection]:
+        """One greedy removal path down to the smallest keep, with a snapshot at every keep on the way:
+        removal is nested, so all levels of a layer cost about one selection."""
         units, blocks = group.units, group.blocks
+        per_block = units // blocks
         dense = group.consumer.reshape(group.consumer.shape[0], -1).double()  # [out, U * width]
         h = group.xtx.double()
         weight = dense.clone()
         h_inv = torch.linalg.inv(damped(h, self.damp))
         alive = torch.ones(units, dtype=torch.bool)
-        to_remove = (units // blocks - keep) * blocks
-        per_round = max(1, math.ceil(to_remove / self.rounds))
-        block_of = torch.arange(units) // (units // blocks)
+        block_of = torch.arange(units) // per_block
         removed_per_block = torch.zeros(blocks, dtype=torch.long)
-        while removed_per_block.sum() < to_remove:
-            open_blocks = removed_per_block < units // blocks - keep
-            candidates = (alive & open_blocks[block_of]).nonzero().squeeze(1)
-            costs = self._removal_costs(weight, h_inv, group, candidates)
-            # cheapest first, at most `per_round`, never more from a block than its quota
-            ranked = candidates[costs.argsort()]
-            ranked_block = block_of[ranked]
-            one_hot = torch.nn.functional.one_hot(ranked_block, blocks)  # [C, blocks]
-            rank_in_block = (one_hot.cumsum(0) * one_hot).sum(1) - 1
-            quota = units // blocks - keep - removed_per_block
-            chosen_t = ranked[rank_in_block < quota[ranked_block]][:per_round]
-            removed_per_block += torch.bincount(block_of[chosen_t], minlength=blocks)
-            alive[chosen_t] = False
-            cols = group.columns(chosen_t)
-            # OBS update: remove columns `cols`, compensate through the others
-            pivot = torch.linalg.inv(h_inv[cols][:, cols])  # [|cols|, |cols|]
-            weight = weight - weight[:, cols] @ pivot @ h_inv[cols]
-            h_inv = h_inv - h_inv[:, cols] @ pivot @ h_inv[cols]
-            # the removed entries are now ~0 up to rounding: make them exactly 0
-            weight[:, cols] = 0
-            h_inv[cols] = 0
-            h_inv[:, cols] = 0
-        kept = alive.nonzero().squeeze(1)
-        refit = least_squares_refit(dense, h, group.columns(kept), damp=self.damp)
-        return Selection(kept=kept, consumer=refit)
+        # a fixed round size, so that a removal path does not depend on where it stops
+        per_round = max(1, math.ceil(units / self.rounds))
+        kept_at = {}
+        for keep in sorted(set(keeps), reverse=True):
+            while (removed_per_block < per_block - keep).any():
+                quota = per_block - keep - removed_per_block  # [blocks] still to remove to reach `keep`
+                candidates = (alive & (quota > 0)[block_of]).nonzero().squeeze(1)
+                costs = self._removal_costs(weight, h_inv, group, candidates)
+                # cheapest first, at most `per_round`, never more from a block than its quota
+                ranked = candidates[costs.argsort()]
+                ranked_block = block_of[ranked]
+                one_hot = torch.nn.functional.one_hot(ranked_block, blocks)  # [C, blocks]
+                rank_in_block = (one_hot.cumsum(0) * one_hot).sum(1) - 1
+                chosen = ranked[rank_in_block < quota[ranked_block]][:per_round]
+                removed_per_block += torch.bincount(block_of[chosen], minlength=blocks)
+                alive[chosen] = False
+                cols = group.columns(chosen)
+                # OBS update: remove columns `cols`, compensate through the others
+                pivot = torch.linalg.inv(h_inv[cols][:, cols])  # [|cols|, |cols|]
+                weight = weight - weight[:, cols] @ pivot @ h_inv[cols]
+                h_inv = h_inv - h_inv[:, cols] @ pivot @ h_inv[cols]
+                # the removed entries are now ~0 up to rounding: make them exactly 0
+                weight[:, cols] = 0
+                h_inv[cols] = 0
+                h_inv[:, cols] = 0
+            kept_at[keep] = alive.nonzero().squeeze(1)
+        return {keep: Selection(kept=kept, consumer=least_squares_refit(dense, h, group.columns(kept),
+                                                                        damp=self.damp) if len(kept) else None)
+                for keep, kept in kept_at.items()}
