@@ -20,8 +20,11 @@ import torch
 from report import environment, load, save
 
 from tyrsearch import assets, data, evaluate
-from tyrsearch.local import CRITERIA
+from tyrsearch.local import CRITERIA, make_criterion
+from tyrsearch.models import adapter_for
 from tyrsearch.pruner import OneShotConfig, one_shot
+from tyrsearch.search.knapsack import knapsack_prune
+from tyrsearch.search.space import load_space
 
 NAME = "one_shot"
 
@@ -61,7 +64,9 @@ def table(results: dict) -> str:
     lines.append(
         f"Held-out `wiki-summaries` ppl at seq {settings.get('seq_len')}, {settings.get('eval_tokens')} tokens "
         f"({settings.get('gemma_eval_tokens')} for Gemma-3); calibration `c4`, {settings.get('calib_seqs')} x "
-        f"{settings.get('seq_len')} tokens, sequential; attention kept dense (MLP channels carry the sparsity). "
+        f"{settings.get('seq_len')} tokens, sequential; uniform and owl keep attention dense (MLP channels carry "
+        "the sparsity); knapsack picks per-layer levels of query heads and MLP channels from per-variant KL "
+        "(2 x 512 calibration tokens) around the uniform centre (search_spaces/llama.yaml grid). "
         "Prefill speedup: dense / pruned torch forward time on 2 x 512 tokens, measured side by side."
     )
     return "\n".join(lines) + "\n"
@@ -101,8 +106,14 @@ def run(args) -> None:
         dense, tokenizer, eval_ids, calib_ids = loaded[model_ref]
         model = copy.deepcopy(dense)
         start = time.perf_counter()
-        report = one_shot(model, OneShotConfig(criterion=criterion, sparsity=sparsity, allocation=allocation),
-                          calib_ids)
+        if allocation == "knapsack":
+            sensitivity_ids = data.calibration_batches(tokenizer, calib_text, seq_len=args.seq_len, count=2, seed=1)
+            report = knapsack_prune(model, make_criterion(criterion), calib_ids, sparsity=sparsity,
+                                    space=load_space(adapter_for(model).search_space),
+                                    sensitivity_batches=sensitivity_ids)
+        else:
+            report = one_shot(model, OneShotConfig(criterion=criterion, sparsity=sparsity, allocation=allocation),
+                              calib_ids)
         prune_s = time.perf_counter() - start
         ppl = evaluate.perplexity(model, eval_ids)
         dense_ppl = results["dense"][model_ref]["ppl"]
@@ -123,7 +134,7 @@ def run(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.3, 0.5, 0.2])
-    parser.add_argument("--allocations", nargs="+", default=["uniform", "owl"])
+    parser.add_argument("--allocations", nargs="+", default=["uniform", "owl", "knapsack"])
     parser.add_argument("--criteria", nargs="+", default=list(CRITERIA))
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--eval-tokens", type=int, default=65536)

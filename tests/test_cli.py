@@ -133,3 +133,25 @@ def test_prune_then_eval_round_trip(tiny_folder, text_file, tmp_path):
     figures = json.loads(evaluated.stdout)
     assert figures["tokens"] == 4 * 31 and figures["ppl"] > 1 and figures["decoder_params"] == summary[
         "decoder_params_after"]
+
+
+def test_prune_with_the_knapsack_allocation(tiny_folder, text_file, tmp_path):
+    space = tmp_path / "tiny.yaml"
+    space.write_text("family: llama\nunits:\n  q_heads: {min_keep: 0, step: 1}\n  mlp: {min_keep: 0, step: 8}\n"
+                     "levels: 3\niterations: 1\ngenerations: 1\noffspring: 4\n"
+                     "selection:\n  - {survivors: 4, tokens: 64}\nfitness: {metric: kl, top_k: 16}\n")
+    out = tmp_path / "knapsack"
+    result = run_cli("prune", "--model", str(tiny_folder), "--allocation", "knapsack", "--space", str(space),
+                     "--sparsity", "0.3", "--calib", str(text_file), "--calib-seqs", "4", "--seq-len", "32",
+                     "--sensitivity-seqs", "1", "--out", str(out), "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["allocation"] == "knapsack" and summary["achieved_sparsity"] >= 0.3  # at least the target
+    assert (out / "config.json").exists()
+
+
+def test_a_bad_search_space_is_exit_2(tiny_folder, text_file, tmp_path):
+    result = run_cli("prune", "--model", str(tiny_folder), "--allocation", "knapsack", "--space", "bert",
+                     "--sparsity", "0.3", "--calib", str(text_file), "--out", str(tmp_path / "o"))
+    assert result.returncode == 2 and "unknown search space 'bert'" in result.stderr
+    assert not (tmp_path / "o").exists()

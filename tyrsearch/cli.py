@@ -86,7 +86,12 @@ def eval_command(model_ref: str, text_source: str, seq_len: int, max_tokens: int
 @click.option("--sparsity", required=True, type=float,
               help="fraction in [0, 1) of the decoder layers' prunable parameters to remove "
                    "(q/k/v/o and gate/up/down weights; embeddings and lm_head excluded)")
-@click.option("--allocation", default="uniform", show_default=True, help="uniform or owl")
+@click.option("--allocation", default="uniform", show_default=True,
+              help="uniform, owl, or knapsack (per-layer sensitivity curves from the supernet + a dynamic program)")
+@click.option("--space", "space_name", default=None,
+              help="knapsack only: search space name or YAML (default: the family's, e.g. llama)")
+@click.option("--sensitivity-seqs", default=2, show_default=True, type=click.IntRange(min=1),
+              help="knapsack only: calibration sequences on which each layer variant's KL is measured")
 @click.option("--attention-sparsity", default=0.0, show_default=True, type=float,
               help="fraction of each layer's attention removed (whole heads / KV groups); MLP channels do the rest")
 @click.option("--calib", "calib_source", default="c4", show_default=True, help=TEXT_HELP)
@@ -100,9 +105,9 @@ def eval_command(model_ref: str, text_source: str, seq_len: int, max_tokens: int
               help="folder for the pruned HF model and result.json")
 @click.option("--overwrite", is_flag=True, help="replace --out if it exists")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object on stdout")
-def prune_command(model_ref: str, criterion: str, sparsity: float, allocation: str, attention_sparsity: float,
-                  calib_source: str, calib_seqs: int, seq_len: int, sequential: bool, seed: int, out_dir: Path,
-                  overwrite: bool, as_json: bool) -> None:
+def prune_command(model_ref: str, criterion: str, sparsity: float, allocation: str, space_name: str | None,
+                  sensitivity_seqs: int, attention_sparsity: float, calib_source: str, calib_seqs: int, seq_len: int,
+                  sequential: bool, seed: int, out_dir: Path, overwrite: bool, as_json: bool) -> None:
     """Prune a model one-shot with a local criterion and a layer allocation; save it as an HF folder."""
     from tyrsearch import allocation as allocations
     from tyrsearch import assets, data, evaluate
@@ -110,23 +115,32 @@ def prune_command(model_ref: str, criterion: str, sparsity: float, allocation: s
     from tyrsearch.materialize import save_pruned
     from tyrsearch.models import adapter_for
     from tyrsearch.pruner import OneShotConfig, one_shot
+    from tyrsearch.search.knapsack import knapsack_prune
+    from tyrsearch.search.space import load_space
 
     # everything a user can get wrong is checked before the model is loaded
     allocations.check_sparsity(sparsity)
     allocations.check_sparsity(attention_sparsity, flag="--attention-sparsity")
     make_criterion(criterion)
-    if allocation not in allocations.ALLOCATIONS:
-        raise UserError(f"unknown allocation {allocation!r}: choose one of {', '.join(allocations.ALLOCATIONS)}")
+    if allocation not in (*allocations.ALLOCATIONS, "knapsack"):
+        raise UserError(f"unknown allocation {allocation!r}: choose one of {', '.join(allocations.ALLOCATIONS)}, "
+                        "knapsack")
+    space = load_space(space_name) if space_name else None
     _check_out_dir(out_dir, overwrite=overwrite)
     text = assets.read_text(calib_source)
 
     model, tokenizer = assets.load_model(model_ref)
-    adapter_for(model)
+    adapter = adapter_for(model)
     batches = data.calibration_batches(tokenizer, text, seq_len=seq_len, count=calib_seqs, seed=seed)
     before = {"params": evaluate.total_params(model), "decoder_params": evaluate.decoder_params(model)}
-    config = OneShotConfig(criterion=criterion, sparsity=sparsity, allocation=allocation,
-                           attention_sparsity=attention_sparsity, sequential=sequential, seed=seed)
-    report = one_shot(model, config, batches, progress=True)
+    if allocation == "knapsack":
+        sensitivity = data.calibration_batches(tokenizer, text, seq_len=seq_len, count=sensitivity_seqs, seed=seed + 1)
+        report = knapsack_prune(model, make_criterion(criterion, seed=seed), batches, sparsity=sparsity,
+                                space=space or load_space(adapter.search_space), sensitivity_batches=sensitivity)
+    else:
+        config = OneShotConfig(criterion=criterion, sparsity=sparsity, allocation=allocation,
+                               attention_sparsity=attention_sparsity, sequential=sequential, seed=seed)
+        report = one_shot(model, config, batches, progress=True)
     result = {
         "model": model_ref,
         "out": str(out_dir),

@@ -61,13 +61,20 @@ class Supernet:
     def selection(self, layer: int, unit: str, level: int) -> Selection:
         return self.variants[(layer, unit, level)]
 
+    def keep(self, layer: int, unit: str, level: int) -> int:
+        """Units kept at `level` (q_heads: per KV group)."""
+        return self.grid[layer][unit][level + self.levels]
+
     def apply(self, model: nn.Module, levels: list[dict[str, int]]) -> nn.Module:
-        """Cut `model` (dense, same weights as at build time) in place to the given level per layer."""
+        """Cut `model` (dense, same weights as at build time) in place to the given level per layer.
+        A level that keeps every unit leaves that block dense."""
         adapter = adapter_for(model)
         head_dim = adapter.head_dim(model)
         for idx, layer in enumerate(adapter.layers(model)):
             for unit, level in levels[idx].items():
-                adapter.prune_layer_(layer, unit, self.selection(idx, unit, level), layer_idx=idx, head_dim=head_dim)
+                if self.keep(idx, unit, level) < adapter.shape(layer).units(unit):
+                    adapter.prune_layer_(layer, unit, self.selection(idx, unit, level), layer_idx=idx,
+                                         head_dim=head_dim)
         return model
 
     # -- storage --------------------------------------------------------------------------------------

@@ -107,6 +107,7 @@ class FamilyAdapter:
     unit_types: ClassVar[tuple[str, ...]] = (KV_GROUPS, Q_HEADS, MLP)
     # why a unit type is missing from `unit_types`, for the user
     not_prunable: ClassVar[dict[str, str]] = {}
+    search_space: ClassVar[str] = ""  # the bundled search space (search_spaces/NAME.yaml) of the family
 
     def layers(self, model: nn.Module) -> nn.ModuleList:
         return model.model.layers

@@ -5,3 +5,4 @@ from tyrsearch.models.base import FamilyAdapter
 
 class LlamaAdapter(FamilyAdapter):
     model_types = ("llama", "mistral", "qwen2")
+    search_space = "llama"
