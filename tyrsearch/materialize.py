@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from tyrsearch.atomic import atomic_folder
 from tyrsearch.errors import UserError
 from tyrsearch.modeling import PRUNED_CLASSES
 from tyrsearch.modeling import modeling_tyr as modeling_file
@@ -74,19 +74,11 @@ def save_pruned(model: nn.Module, tokenizer, out_dir: str | Path, *, result: dic
     """
     out_dir = Path(out_dir)
     pruned = to_pruned(model)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_folder(out_dir) as tmp:
         pruned.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         shutil.copy(modeling_file.__file__, tmp / "modeling_tyr.py")
         if result is not None:
             (tmp / "result.json").write_text(json.dumps(result, indent=2) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir

@@ -17,8 +17,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import shutil
-import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -27,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from tyrsearch.atomic import atomic_folder
 from tyrsearch.calibration import LayerInputs
 from tyrsearch.errors import UserError
 from tyrsearch.local import Criterion
@@ -82,9 +81,7 @@ class Supernet:
     def save(self, folder: str | Path) -> Path:
         """Write the shards and the manifest into `folder`, atomically (temp folder, then rename)."""
         folder = Path(folder)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-        try:
+        with atomic_folder(folder) as tmp:
             shards = {}
             for idx, units in enumerate(self.grid):
                 for unit, keeps in units.items():
@@ -101,12 +98,6 @@ class Supernet:
                     shards[name] = hashlib.sha256((tmp / name).read_bytes()).hexdigest()
             manifest = {**self.manifest, "grid": self.grid, "levels": self.levels, "shards": shards}
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-            if folder.exists():
-                shutil.rmtree(folder)
-            tmp.rename(folder)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         self.manifest = manifest
         return folder
 
