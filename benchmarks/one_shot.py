@@ -108,6 +108,7 @@ def run(args) -> None:
     results.setdefault("dense", {})
     heldout = assets.read_text("wiki-summaries")
     calib_text = assets.read_text("c4")
+    calib_tokens = {}  # model -> c4 token ids, tokenized once
     grid = [("smollm2-135m", s, a, c, args.eval_tokens) for s in args.sparsities for a in args.allocations
             for c in args.criteria]
     if args.gemma:
@@ -119,9 +120,10 @@ def run(args) -> None:
             continue
         if model_ref not in loaded:
             dense, tokenizer = assets.load_model(model_ref)
+            calib_tokens[model_ref] = data.tokenize(tokenizer, calib_text)
             loaded = {model_ref: (dense, tokenizer,
                                   data.eval_batches(tokenizer, heldout, seq_len=args.seq_len, max_tokens=eval_tokens),
-                                  data.calibration_batches(tokenizer, calib_text, seq_len=args.seq_len,
+                                  data.calibration_batches(tokenizer, calib_tokens[model_ref], seq_len=args.seq_len,
                                                            count=args.calib_seqs, seed=0))}
             if model_ref not in results["dense"]:
                 ppl = evaluate.perplexity(dense, loaded[model_ref][2])
@@ -132,7 +134,8 @@ def run(args) -> None:
         model = copy.deepcopy(dense)
         start = time.perf_counter()
         if allocation == "knapsack":
-            sensitivity_ids = data.calibration_batches(tokenizer, calib_text, seq_len=args.seq_len, count=2, seed=1)
+            sensitivity_ids = data.calibration_batches(tokenizer, calib_tokens[model_ref], seq_len=args.seq_len,
+                                                       count=2, seed=1)
             report = knapsack_prune(model, make_criterion(criterion), calib_ids, sparsity=sparsity,
                                     space=load_space(adapter_for(model).search_space),
                                     sensitivity_batches=sensitivity_ids)

@@ -131,10 +131,12 @@ def prune_command(model_ref: str, criterion: str, sparsity: float, allocation: s
 
     model, tokenizer = assets.load_model(model_ref)
     adapter = adapter_for(model)
-    batches = data.calibration_batches(tokenizer, text, seq_len=seq_len, count=calib_seqs, seed=seed)
+    tokens = data.tokenize(tokenizer, text)  # once, for the calibration and the sensitivity samples
+    batches = data.calibration_batches(tokenizer, tokens, seq_len=seq_len, count=calib_seqs, seed=seed)
     before = {"params": evaluate.total_params(model), "decoder_params": evaluate.decoder_params(model)}
     if allocation == "knapsack":
-        sensitivity = data.calibration_batches(tokenizer, text, seq_len=seq_len, count=sensitivity_seqs, seed=seed + 1)
+        sensitivity = data.calibration_batches(tokenizer, tokens, seq_len=seq_len, count=sensitivity_seqs,
+                                               seed=seed + 1)
         report = knapsack_prune(model, make_criterion(criterion, seed=seed), batches, sparsity=sparsity,
                                 space=space or load_space(adapter.search_space), sensitivity_batches=sensitivity)
     else:
