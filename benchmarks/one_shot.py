@@ -24,7 +24,7 @@ from tyrsearch.local import CRITERIA, make_criterion
 from tyrsearch.models import adapter_for
 from tyrsearch.pruner import OneShotConfig, one_shot
 from tyrsearch.search.knapsack import knapsack_prune
-from tyrsearch.search.space import load_space
+from tyrsearch.space import load_space
 
 NAME = "one_shot"
 

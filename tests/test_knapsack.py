@@ -12,7 +12,7 @@ from tyrsearch.evaluate import dense_topk
 from tyrsearch.local import make_criterion
 from tyrsearch.models import MLP, Q_HEADS, adapter_for
 from tyrsearch.search.knapsack import knapsack, knapsack_prune, layer_sensitivity
-from tyrsearch.search.space import Fitness, SearchSpace, Stage, UnitSpace
+from tyrsearch.space import Fitness, SearchSpace, Stage, UnitSpace
 from tyrsearch.supernet import build_supernet
 
 SPACE = SearchSpace(family="llama", units={Q_HEADS: UnitSpace(min_keep=0, step=1), MLP: UnitSpace(min_keep=0, step=8)},

@@ -8,7 +8,7 @@ import yaml
 from tests.conftest import tiny_gemma3, tiny_llama
 from tyrsearch.errors import UserError
 from tyrsearch.models import adapter_for
-from tyrsearch.search.space import Stage, load_space, parse_space
+from tyrsearch.space import Stage, load_space, parse_space
 
 
 @pytest.mark.parametrize(("name", "factory"), [("llama", tiny_llama), ("gemma3", tiny_gemma3)])

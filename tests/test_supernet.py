@@ -11,7 +11,7 @@ from tyrsearch.errors import UserError
 from tyrsearch.local import make_criterion
 from tyrsearch.models import MLP, Q_HEADS, adapter_for
 from tyrsearch.pruner import prune
-from tyrsearch.search.space import Fitness, SearchSpace, Stage, UnitSpace
+from tyrsearch.space import Fitness, SearchSpace, Stage, UnitSpace
 from tyrsearch.supernet import Supernet, build_supernet, level_keeps
 
 SPACE = SearchSpace(family="llama", units={Q_HEADS: UnitSpace(min_keep=0, step=1), MLP: UnitSpace(min_keep=4, step=8)},

@@ -116,7 +116,7 @@ def prune_command(model_ref: str, criterion: str, sparsity: float, allocation: s
     from tyrsearch.models import adapter_for
     from tyrsearch.pruner import OneShotConfig, one_shot
     from tyrsearch.search.knapsack import knapsack_prune
-    from tyrsearch.search.space import load_space
+    from tyrsearch.space import load_space
 
     # everything a user can get wrong is checked before the model is loaded
     allocations.check_sparsity(sparsity)

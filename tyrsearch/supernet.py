@@ -30,7 +30,7 @@ from tyrsearch.calibration import LayerInputs
 from tyrsearch.errors import UserError
 from tyrsearch.local import Criterion
 from tyrsearch.models import ATTENTION_UNITS, MLP, Q_HEADS, LayerShape, Selection, adapter_for
-from tyrsearch.search.space import SearchSpace
+from tyrsearch.space import SearchSpace
 
 MANIFEST = "manifest.json"
 

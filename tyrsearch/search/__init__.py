@@ -1,1 +1,1 @@
-"""The global search over per-layer sparsity distributions (spaces now; the Optuna study next)."""
+"""The global search over per-layer sparsity distributions (the knapsack start now; the Optuna study next)."""

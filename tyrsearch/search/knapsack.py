@@ -22,7 +22,7 @@ from tyrsearch import allocation, evaluate
 from tyrsearch.errors import UserError
 from tyrsearch.local import Criterion
 from tyrsearch.models import LayerShape, adapter_for
-from tyrsearch.search.space import SearchSpace
+from tyrsearch.space import SearchSpace
 from tyrsearch.supernet import Supernet, build_supernet
 
 Key = tuple[int, str, int]  # (layer, unit type, level)
