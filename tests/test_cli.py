@@ -39,7 +39,7 @@ def test_installed_entry_point_runs():
     assert result.returncode == 0 and "prune" in result.stdout and "eval" in result.stdout
 
 
-@pytest.mark.parametrize("command", [[], ["eval"], ["prune"]])
+@pytest.mark.parametrize("command", [[], ["eval"], ["prune"], ["search"]])
 def test_every_command_has_help(command):
     result = run_cli(*command, "--help")
     assert result.returncode == 0 and "Usage:" in result.stdout
@@ -155,3 +155,64 @@ def test_a_bad_search_space_is_exit_2(tiny_folder, text_file, tmp_path):
                      "--sparsity", "0.3", "--calib", str(text_file), "--out", str(tmp_path / "o"))
     assert result.returncode == 2 and "unknown search space 'bert'" in result.stderr
     assert not (tmp_path / "o").exists()
+
+
+TINY_SPACE = ("family: llama\nunits:\n  q_heads: {min_keep: 0, step: 1}\n  mlp: {min_keep: 8, step: 8}\n"
+              "levels: 2\niterations: 2\ngenerations: 2\noffspring: 4\n"
+              "selection:\n  - {survivors: 4, tokens: 32}\n  - {survivors: 1, tokens: 96}\n"
+              "fitness: {metric: kl, top_k: 16}\n")
+
+
+@pytest.fixture
+def tiny_space(tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY_SPACE)
+    return path
+
+
+def _search_args(tiny_folder, text_file, space, out, *extra):
+    return ["search", "--model", str(tiny_folder), "--space", str(space), "--target", "0.4", "--calib", str(text_file),
+            "--calib-seqs", "4", "--seq-len", "32", "--out", str(out), "--supernet-dir", str(out.parent / "nets"),
+            *extra]
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    (["--target", "1.2"], "--target must be in [0, 1)"),
+    (["--strategy", "hillclimb"], "unknown strategy 'hillclimb'"),
+    (["--start", "middle"], "unknown start 'middle'"),
+    (["--target", "0.95"], "cannot be reached: the space's min_keep allows at most"),
+    (["--resume"], "does not exist; run the search without --resume first"),
+])
+def test_bad_search_input_is_one_line_exit_2_and_writes_nothing(override, message, tiny_folder, text_file, tiny_space,
+                                                                 tmp_path):
+    result = run_cli(*_search_args(tiny_folder, text_file, tiny_space, tmp_path / "out"), *override)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_search_writes_the_winner_result_and_report_and_resumes(tiny_folder, text_file, tiny_space, tmp_path):
+    out = tmp_path / "run"
+    result = run_cli(*_search_args(tiny_folder, text_file, tiny_space, out, "--eval-tokens", "64", "--json"))
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary == json.loads((out / "result.json").read_text())
+    assert abs(summary["achieved_sparsity"] - 0.4) < 0.05 and len(summary["layers"]) == 3
+    assert [it["steps"]["mlp"] for it in summary["iterations"]] == [8, 4]  # coarse to fine
+    assert 2 < summary["study"]["trials"] <= 2 * (1 + 2 * 4) and summary["held_out"]["ppl"] > 1
+    assert summary["iterations"][1]["fitness"] <= summary["iterations"][1]["start_fitness"]  # elitist
+    report = (out / "report.html").read_text()
+    assert "Fitness over generations" in report and report.count("<svg") == 3
+    evaluated = run_cli("eval", "--model", str(out / "model"), "--text", str(text_file), "--seq-len", "32",
+                        "--max-tokens", "64", "--json")
+    assert evaluated.returncode == 0 and json.loads(evaluated.stdout)["decoder_params"] == summary[
+        "decoder_params_after"]
+    again = run_cli(*_search_args(tiny_folder, text_file, tiny_space, out))
+    assert again.returncode == 2 and "already exists" in again.stderr
+    resumed = run_cli(*_search_args(tiny_folder, text_file, tiny_space, out, "--resume", "--json"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads(resumed.stdout)["layers"] == summary["layers"]
+    assert json.loads(resumed.stdout)["study"]["trials"] == summary["study"]["trials"]  # nothing evaluated again
+    changed = run_cli(*_search_args(tiny_folder, text_file, tiny_space, out, "--resume", "--seed", "3"))
+    assert changed.returncode == 2 and "other settings (seed)" in changed.stderr

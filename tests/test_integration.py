@@ -41,3 +41,29 @@ def test_prune_reload_eval(smollm2, tmp_path):
     # 2k calibration tokens only (benchmark: 16k): far from the benchmark's quality, but from collapse too
     # (magnitude pruning gives ppl > 1e6 here)
     assert dense_ppl < pruned_ppl < 10 * dense_ppl
+
+
+def test_search_on_smollm2_writes_a_reloadable_winner(tmp_path):
+    """The whole search command on the real model, kept small: one iteration, one generation of two."""
+    import json
+
+    from tests.test_cli import run_cli
+
+    space = tmp_path / "small.yaml"
+    space.write_text("family: llama\nunits:\n  q_heads: {min_keep: 0, step: 1}\n  mlp: {min_keep: 0, step: 256}\n"
+                     "levels: 1\niterations: 1\ngenerations: 1\noffspring: 2\n"
+                     "selection:\n  - {survivors: 2, tokens: 256}\n  - {survivors: 1, tokens: 512}\n"
+                     "fitness: {metric: kl, top_k: 64}\n")
+    out = tmp_path / "run"
+    result = run_cli("search", "--model", "smollm2-135m", "--space", str(space), "--target", "0.3",
+                     "--criterion", "wanda", "--start", "centre", "--calib-seqs", "4", "--seq-len", "256", "--out", str(out),
+                     "--supernet-dir", str(tmp_path / "nets"), "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert abs(summary["achieved_sparsity"] - 0.3) < 0.01 and summary["study"]["trials"] == 3
+    assert summary["iterations"][0]["fitness"] <= summary["iterations"][0]["start_fitness"]
+    reloaded = AutoModelForCausalLM.from_pretrained(out / "model")
+    shapes = adapter_for(reloaded).shapes(reloaded)
+    assert [s.intermediate for s in shapes] == [b["intermediate_size"] for b in summary["layers"]]
+    assert evaluate.decoder_params(reloaded) == summary["decoder_params_after"]
+    assert (out / "report.html").stat().st_size > 1000

@@ -25,16 +25,19 @@ def test_knapsack_matches_brute_force(seed):
     rng = random.Random(seed)
     items = [[(rng.randrange(0, 7) * 6, rng.random()) for _ in range(rng.randrange(1, 4))] for _ in range(4)]
     budget = rng.randrange(0, 50)
-    feasible = [(sum(items[i][o][1] for i, o in enumerate(combo)), combo)
+    feasible = [(sum(items[i][o][0] for i, o in enumerate(combo)), sum(items[i][o][1] for i, o in enumerate(combo)),
+                 combo)
                 for combo in itertools.product(*[range(len(opts)) for opts in items])
                 if sum(items[i][o][0] for i, o in enumerate(combo)) >= budget]
     if not feasible:
         with pytest.raises(UserError, match="cannot be reached"):
             knapsack(items, budget)
         return
+    least = min(cost for cost, _, _ in feasible)  # the budget is met as exactly as the costs allow
     picked = knapsack(items, budget)
-    assert sum(items[i][o][0] for i, o in enumerate(picked)) >= budget
-    assert sum(items[i][o][1] for i, o in enumerate(picked)) == pytest.approx(min(feasible)[0])
+    assert sum(items[i][o][0] for i, o in enumerate(picked)) == least
+    assert sum(items[i][o][1] for i, o in enumerate(picked)) == pytest.approx(
+        min(loss for cost, loss, _ in feasible if cost == least))
 
 
 def test_sensitivity_is_zero_for_dense_levels_and_grows_with_cuts(tokens):

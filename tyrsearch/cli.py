@@ -156,6 +156,121 @@ def prune_command(model_ref: str, criterion: str, sparsity: float, allocation: s
     _emit(result, as_json)
 
 
+@cli.command("search")
+@click.option("--model", "model_ref", required=True, help=MODEL_HELP)
+@click.option("--target", required=True, type=float,
+              help="fraction in [0, 1) of the decoder layers' prunable parameters to remove")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
+              help="run folder: study.db (default storage), model/, result.json, report.html")
+@click.option("--space", "space_name", default=None,
+              help="search space name or YAML (default: the family's, e.g. llama)")
+@click.option("--calib", "calib_source", default="c4", show_default=True, help=TEXT_HELP)
+@click.option("--calib-seqs", default=32, show_default=True, type=click.IntRange(min=1),
+              help="sequences of --seq-len tokens that calibrate the supernet")
+@click.option("--seq-len", default=512, show_default=True, type=click.IntRange(min=2))
+@click.option("--criterion", default="osscar", show_default=True,
+              help="local criterion of the supernet: osscar, flap, wanda, taylor, magnitude, random")
+@click.option("--strategy", default="evolution", show_default=True,
+              help="evolution (Tyr / EvoPress), tpe or cmaes; each keeps the budget exact")
+@click.option("--start", default="knapsack", show_default=True,
+              help="first iteration's start: knapsack (per-layer sensitivities + a dynamic program) "
+                   "or centre (uniform)")
+@click.option("--storage", default=None, help="Optuna storage URL (default: sqlite:///OUT/study.db)")
+@click.option("--study", "study_name", default="tyrsearch", show_default=True, help="Optuna study name")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--resume", is_flag=True, help="continue the study of an interrupted search in --out")
+@click.option("--supernet-dir", default=None, type=click.Path(path_type=Path),
+              help="where supernets are cached and reused (default: the tyrsearch cache)")
+@click.option("--no-rebuild", is_flag=True, help="a corrupt cached supernet is an error instead of being rebuilt")
+@click.option("--eval-tokens", default=0, show_default=True, type=click.IntRange(min=0),
+              help="also measure the winner's wiki-summaries perplexity on this many tokens (0: skip)")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object on stdout")
+def search_command(model_ref: str, target: float, out_dir: Path, space_name: str | None, calib_source: str,
+                   calib_seqs: int, seq_len: int, criterion: str, strategy: str, start: str, storage: str | None,
+                   study_name: str, seed: int, resume: bool, supernet_dir: Path | None, no_rebuild: bool,
+                   eval_tokens: int, as_json: bool) -> None:
+    """Search how much to prune in each layer (coarse-to-fine evolution over a supernet, an Optuna study),
+    then save the winner as an HF folder with result.json and report.html."""
+    from tyrsearch import allocation as allocations
+    from tyrsearch import assets, data, evaluate
+    from tyrsearch.local import make_criterion
+    from tyrsearch.materialize import save_pruned
+    from tyrsearch.models import adapter_for
+    from tyrsearch.pruner import dims_of
+    from tyrsearch.search.driver import (
+        STARTS,
+        Search,
+        SearchConfig,
+        check_reachable,
+        materialize,
+        open_study,
+        uniform_centre,
+    )
+    from tyrsearch.search.report import write_report
+    from tyrsearch.search.samplers import STRATEGIES
+    from tyrsearch.space import load_space
+
+    allocations.check_sparsity(target, flag="--target")
+    make_criterion(criterion)
+    if strategy not in STRATEGIES:
+        raise UserError(f"unknown strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
+    if start not in STARTS:
+        raise UserError(f"unknown start {start!r}: choose one of {', '.join(STARTS)}")
+    space = load_space(space_name) if space_name else None
+    if not resume:
+        _check_out_dir(out_dir, overwrite=False)
+    elif not out_dir.is_dir():
+        raise UserError(f"--resume: {out_dir} does not exist; run the search without --resume first")
+    text = assets.read_text(calib_source)
+    model, tokenizer = assets.load_model(model_ref)
+    adapter = adapter_for(model)
+    space = space or load_space(adapter.search_space)
+    dense = adapter.shapes(model)
+    space.check_model(dense, adapter.unit_types)
+    check_reachable(space, dense, dims_of(model), target)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = SearchConfig(target=target, criterion=criterion, strategy=strategy, start=start, seed=seed,
+                          no_rebuild=no_rebuild)
+    storage = storage or f"sqlite:///{(out_dir / 'study.db').resolve()}"
+    study = open_study(storage=storage, study_name=study_name, space=space, config=config, resume=resume)
+    tokens = data.tokenize(tokenizer, text)
+    calibration = data.calibration_batches(tokenizer, tokens, seq_len=seq_len, count=calib_seqs, seed=seed)
+    fitness_seqs = -(-space.selection[-1].tokens // seq_len)
+    fitness_batches = data.calibration_batches(tokenizer, tokens, seq_len=seq_len, count=fitness_seqs, seed=seed + 1)
+    search = Search(model=model, calibration=calibration, fitness_batches=fitness_batches, space=space,
+                    config=config, study=study, supernet_dir=supernet_dir or assets.cache_dir() / "supernets")
+    found = search.run()
+    tic = time.perf_counter()
+    pruned = materialize(model, found)
+    shapes = adapter.shapes(pruned)
+    result = {
+        "model": model_ref, "target": target,
+        "achieved_sparsity": allocations.sparsity_of(shapes, dense, search.dims),
+        "params_before": evaluate.total_params(model), "params_after": evaluate.total_params(pruned),
+        "decoder_params_before": evaluate.decoder_params(model),
+        "decoder_params_after": evaluate.decoder_params(pruned),
+        "fitness": {"metric": space.fitness.metric, "value": found.fitness, "tokens": space.selection[-1].tokens},
+        "layers": [s.block_config() for s in shapes],
+        "iterations": found.iterations,
+        "calibration": {"source": calib_source, "sequences": calib_seqs, "seq_len": seq_len, "seed": seed},
+        "study": {"storage": storage, "name": study_name, "trials": len(study.trials)},
+        "config": {"criterion": criterion, "strategy": strategy, "start": start, "space": space.family},
+    }
+    save_pruned(pruned, tokenizer, out_dir / "model")
+    times = {**found.times_s, "materialize": time.perf_counter() - tic}
+    if eval_tokens:
+        tic = time.perf_counter()
+        held_out = data.eval_batches(tokenizer, assets.read_text("wiki-summaries"), seq_len=seq_len,
+                                     max_tokens=eval_tokens)
+        result["held_out"] = {"text": "wiki-summaries", **evaluate.perplexity(pruned, held_out)}
+        times["eval"] = time.perf_counter() - tic
+    result["times_s"] = times
+    (out_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_report(out_dir / "report.html", study=study, result=result, dense=dense,
+                 uniform=uniform_centre(dense, search.dims, target))
+    _emit(result, as_json)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors become one line on stderr and exit status 2."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -94,6 +94,24 @@ class Reference:
     def k(self) -> int | None:
         return None if self.indices is None else self.log_probs.shape[-1]
 
+    def head(self, sequences: int) -> Reference:
+        """The reference on its first `sequences` sequences only."""
+        cut = slice(0, sequences)
+        return Reference(batches=self.batches[cut], log_probs=self.log_probs[cut],
+                         indices=None if self.indices is None else self.indices[cut],
+                         rest=None if self.rest is None else self.rest[cut])
+
+    def kl_sum(self, first: int, logits: torch.Tensor) -> tuple[float, int]:
+        """Summed KL(reference || model) and the position count for sequences first.. given the model's
+        logits [b, L, V] on them (the last position predicts nothing and is ignored)."""
+        total, positions = 0.0, 0
+        for row in range(logits.shape[0]):
+            lp = torch.log_softmax(logits[row, :-1].float(), dim=-1)
+            total += float(_kl_row(lp, self.log_probs[first + row], None if self.indices is None else
+                                   self.indices[first + row], None if self.rest is None else self.rest[first + row]))
+            positions += lp.shape[0]
+        return total, positions
+
 
 def _mass(log_probs: torch.Tensor) -> torch.Tensor:
     return log_probs.exp().sum(-1, dtype=torch.float64)
@@ -154,6 +172,17 @@ def _kl_topk(ref_top: torch.Tensor, ref_rest: torch.Tensor, top: torch.Tensor, r
     # The model may put (numerically) no mass outside the reference's top-k: clamp to keep it finite.
     tail = torch.xlogy(ref_rest, ref_rest) - torch.xlogy(ref_rest, rest.clamp_min(torch.finfo(torch.float64).tiny))
     return (head + tail).sum()
+
+
+def _kl_row(lp: torch.Tensor, ref_lp: torch.Tensor, ref_idx: torch.Tensor | None,
+            ref_rest: torch.Tensor | None) -> torch.Tensor:
+    """Summed KL of one sequence: model log-probs [T, V] against the reference's (full or top-k) row."""
+    ref_lp = ref_lp.to(lp.device)
+    if ref_idx is None:
+        return _kl_full(ref_lp, lp)
+    top = lp.gather(-1, ref_idx.to(lp.device))
+    rest = (_mass(lp) - _mass(top)).clamp_min(0.0)
+    return _kl_topk(ref_lp, ref_rest.to(lp.device), top, rest)
 
 
 _RowRef = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]  # (log-probs, ids, rest)
@@ -230,13 +259,7 @@ def kl_divergence(
         logits = _logits(model, chunk)[0][:, :-1]
         for row, (ref_lp, ref_idx, ref_rest) in enumerate(rows):
             lp = torch.log_softmax(logits[row], dim=-1)
-            ref_lp = ref_lp.to(lp.device)
-            if ref_idx is None:
-                total += _kl_full(ref_lp, lp).cpu()
-            else:
-                top = lp.gather(-1, ref_idx.to(lp.device))
-                rest = (_mass(lp) - _mass(top)).clamp_min(0.0)
-                total += _kl_topk(ref_lp, ref_rest.to(lp.device), top, rest).cpu()
+            total += _kl_row(lp, ref_lp, ref_idx, ref_rest).cpu()
             positions += lp.shape[0]
     return float(total / positions)
 

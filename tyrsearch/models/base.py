@@ -115,6 +115,12 @@ class FamilyAdapter:
     def head_dim(self, model: nn.Module) -> int:
         return model.config.head_dim
 
+    def logits(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """Next-token logits [b, L, V] from the last decoder layer's output [b, L, hidden]."""
+        logits = model.lm_head(model.model.norm(hidden))
+        cap = getattr(model.config, "final_logit_softcapping", None)
+        return torch.tanh(logits / cap) * cap if cap else logits
+
     def shape(self, layer: nn.Module) -> LayerShape:
         attn, mlp = layer.self_attn, layer.mlp
         if isinstance(attn, SkippedAttention):

@@ -9,7 +9,6 @@ one-shot allocation that already beats uniform and OWL by far.
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from functools import reduce
@@ -22,6 +21,7 @@ from tyrsearch import allocation, evaluate
 from tyrsearch.errors import UserError
 from tyrsearch.local import Criterion
 from tyrsearch.models import LayerShape, adapter_for
+from tyrsearch.search.candidates import CandidateEvaluator, Levels
 from tyrsearch.space import SearchSpace
 from tyrsearch.supernet import Supernet, build_supernet
 
@@ -30,28 +30,25 @@ Key = tuple[int, str, int]  # (layer, unit type, level)
 
 def layer_sensitivity(model: nn.Module, supernet: Supernet, reference: evaluate.Reference, *,
                       progress: bool = True) -> dict[Key, float]:
-    """KL to the dense model of each variant alone (0 for a level that keeps every unit)."""
-    adapter = adapter_for(model)
-    layers, head_dim = adapter.layers(model), adapter.head_dim(model)
-    dense = adapter.shapes(model)
-    kl: dict[Key, float] = {}
+    """KL to the dense model of each variant alone (0 for a level that keeps every unit). The dense
+    hidden states entering every layer are cached, so a variant of layer l only runs layers l.."""
+    dense = adapter_for(model).shapes(model)
+    evaluator = CandidateEvaluator(model=model, supernet=supernet, reference=reference)
+    unpruned: Levels = [{} for _ in dense]  # no unit type cut anywhere: the dense model
+    evaluator.set_parent(unpruned)
     keys = [(idx, unit, level) for idx, units in enumerate(supernet.grid) for unit in units
             for level in range(-supernet.levels, supernet.levels + 1)]
-    by_keep: dict[tuple[int, str, int], float] = {}
+    kl: dict[Key, float] = {}
+    by_keep: dict[tuple[int, str, int], float] = {}  # clipped levels share a variant
     for idx, unit, level in tqdm(keys, desc="sensitivity", disable=not progress):
         keep = supernet.keep(idx, unit, level)
         if keep == dense[idx].units(unit):
             kl[(idx, unit, level)] = 0.0
             continue
         if (idx, unit, keep) not in by_keep:
-            original = layers[idx]
-            trial = copy.deepcopy(original)
-            adapter.prune_layer_(trial, unit, supernet.selection(idx, unit, level), layer_idx=idx, head_dim=head_dim)
-            layers[idx] = trial
-            try:
-                by_keep[(idx, unit, keep)] = evaluate.kl_divergence(model, reference)
-            finally:
-                layers[idx] = original
+            levels = [dict(layer) for layer in unpruned]
+            levels[idx] = {unit: level}
+            by_keep[(idx, unit, keep)] = evaluator.fitness(levels, evaluator.sequences)
         kl[(idx, unit, level)] = by_keep[(idx, unit, keep)]
     return kl
 
@@ -68,42 +65,39 @@ def removed_params(supernet: Supernet, dense: list[LayerShape], dims: allocation
 
 
 def knapsack(items: list[list[tuple[int, float]]], budget: int) -> list[int]:
-    """One option per item, (cost, loss) each, with total cost >= budget and the least total loss.
+    """One option per item, (cost, loss) each, with the least total loss among the choices whose total
+    cost is the smallest reachable one >= budget (so the budget is met as exactly as the costs allow).
 
-    Exact dynamic program over costs in units of their greatest common divisor; states past the
-    budget are merged into the budget state.
+    Exact dynamic program over costs in units of their greatest common divisor.
     """
     quantum = reduce(math.gcd, [c for options in items for c, _ in options if c] + [budget]) or 1
     target = math.ceil(budget / quantum)
-    best = torch.full((target + 1,), float("inf"), dtype=torch.float64)  # [state]: least loss so far
+    # the least reachable total >= target is at most the all-cheapest total or target + the largest cost
+    cheapest = sum(min(c for c, _ in options) for options in items) // quantum
+    top = max(cheapest, target + max(c for options in items for c, _ in options) // quantum)
+    best = torch.full((top + 1,), float("inf"), dtype=torch.float64)  # [state]: least loss so far
     best[0] = 0.0
     choices, parents = [], []
     for options in items:
         new = torch.full_like(best, float("inf"))
-        choice = torch.full((target + 1,), -1, dtype=torch.long)
-        parent = torch.full((target + 1,), -1, dtype=torch.long)
+        choice = torch.full((top + 1,), -1, dtype=torch.long)
+        parent = torch.full((top + 1,), -1, dtype=torch.long)
         for o, (cost, loss) in enumerate(options):
-            shift = cost // quantum
+            shift = cost // quantum  # state s moves to s + shift
             proposal = torch.full_like(best, float("inf"))
-            proposal_parent = torch.full_like(parent, -1)
-            if shift < target:  # state s moves to s + shift
-                proposal[shift:target] = best[: target - shift] + loss
-                proposal_parent[shift:target] = torch.arange(target - shift)
-            low = max(0, target - shift)  # every state from `low` on reaches the budget: keep the cheapest
-            tail = best[low:] + loss
-            proposal[target] = tail.min()
-            proposal_parent[target] = low + tail.argmin()
+            proposal[shift:] = best[: top + 1 - shift] + loss
             better = proposal < new
             new = torch.where(better, proposal, new)
             choice = torch.where(better, o, choice)
-            parent = torch.where(better, proposal_parent, parent)
+            parent = torch.where(better, torch.arange(top + 1) - shift, parent)
         best = new
         choices.append(choice)
         parents.append(parent)
-    if not torch.isfinite(best[target]):
+    reachable = torch.isfinite(best[target:]).nonzero()
+    if not len(reachable):
         raise UserError("the target cannot be reached within the search space's levels: lower the target "
                         "or widen the space (more levels, a larger step, lower min_keep)")
-    picked, state = [], target
+    picked, state = [], target + int(reachable[0])
     for choice, parent in zip(reversed(choices), reversed(parents), strict=True):
         picked.append(int(choice[state]))
         state = int(parent[state])

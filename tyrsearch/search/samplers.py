@@ -1,0 +1,239 @@
+"""Optuna samplers over per-layer levels, generation by generation, with the global budget kept exact.
+
+A study holds one trial per candidate. Its params are levels named `L03.mlp` (layer 3, MLP channels);
+the iteration's grid (units kept per level) and start candidate live in the study's user attrs, so any
+process that opens the study can sample from it. `before_trial` numbers each trial inside its
+iteration: generation 0 is the start candidate alone, then generations of `offspring` trials each.
+A failed trial does not count, so its replacement gets the same place and the same candidate.
+
+- `EvolutionSampler` (Tyr / EvoPress): offspring of the best complete trial so far (elitist) by 1-4
+  level swaps between two layers of one unit type; a swap only where both moves shift the same number
+  of units, so the per-type unit count (and the parameter budget) is exact. Never a candidate twice.
+- `BudgetedSampler`: any Optuna sampler (TPE, CMA-ES) proposes; the proposal is then repaired to the
+  start candidate's unit counts by single-level moves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import optuna
+from optuna.distributions import BaseDistribution, IntDistribution
+from optuna.samplers import BaseSampler
+from optuna.study import Study
+from optuna.trial import FrozenTrial, TrialState
+
+ITERATION = "tyr:iteration"
+GENERATION = "tyr:generation"
+INDEX = "tyr:index"
+STRATEGIES = ("evolution", "tpe", "cmaes")
+
+
+def param_name(layer: int, unit: str) -> str:
+    return f"L{layer:02d}.{unit}"
+
+
+def parse_param(name: str) -> tuple[int, str]:
+    layer, unit = name[1:].split(".", 1)
+    return int(layer), unit
+
+
+def iteration_info(study: Study) -> dict:
+    """The current iteration's record: {"iteration", "grid", "levels", "start"} (set by the search)."""
+    iteration = study.user_attrs[ITERATION]
+    return {"iteration": iteration, **study.user_attrs[f"iteration{iteration}"]}
+
+
+def iteration_trials(study: Study, iteration: int) -> list[FrozenTrial]:
+    """The iteration's trials that count (not failed), by number."""
+    return [t for t in study.get_trials(deepcopy=False)
+            if t.system_attrs.get(ITERATION) == iteration and t.state != TrialState.FAIL]
+
+
+def best_trial(trials: Sequence[FrozenTrial]) -> FrozenTrial | None:
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    return min(complete, key=lambda t: (t.value, t.number)) if complete else None
+
+
+class _Grid:
+    """Units kept per (param, level) of one iteration, and the moves that keep a unit type's count."""
+
+    def __init__(self, info: dict):
+        self.levels = info["levels"]
+        self.keeps = {param_name(i, unit): keeps
+                      for i, units in enumerate(info["grid"]) for unit, keeps in units.items()}
+        self.by_unit: dict[str, list[str]] = {}
+        for name in self.keeps:
+            self.by_unit.setdefault(parse_param(name)[1], []).append(name)
+
+    def space(self) -> dict[str, BaseDistribution]:
+        return {name: IntDistribution(-self.levels, self.levels) for name in self.keeps}
+
+    def keep(self, name: str, level: int) -> int:
+        return self.keeps[name][level + self.levels]
+
+    def shift(self, name: str, level: int, move: int) -> int | None:
+        """Units removed by moving `name` from `level` by `move` levels (None outside the grid)."""
+        if not -self.levels <= level + move <= self.levels:
+            return None
+        return self.keep(name, level) - self.keep(name, level + move)
+
+    def totals(self, params: dict[str, int]) -> dict[str, int]:
+        return {unit: sum(self.keep(n, params[n]) for n in names) for unit, names in self.by_unit.items()}
+
+
+class GenerationalSampler(BaseSampler):
+    """The shared frame: iteration/generation numbering, the start candidate, the level space."""
+
+    def __init__(self, *, offspring: int, seed: int = 0):
+        self.offspring, self.seed = offspring, seed
+
+    def before_trial(self, study: Study, trial: FrozenTrial) -> None:
+        if GENERATION in trial.system_attrs:
+            return
+        iteration = study.user_attrs[ITERATION]
+        place = sum(t.number < trial.number for t in iteration_trials(study, iteration))
+        generation = 0
+        while place >= (size := self.generation_size(study, generation)):  # earlier generations are complete
+            if size == 0:
+                raise RuntimeError(f"generation {generation} has no new candidate to try")
+            place -= size
+            generation += 1
+        for key, value in ((ITERATION, iteration), (GENERATION, generation), (INDEX, place)):
+            study._storage.set_trial_system_attr(trial._trial_id, key, value)
+
+    def infer_relative_search_space(self, study: Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
+        return _Grid(iteration_info(study)).space()
+
+    def sample_relative(self, study: Study, trial: FrozenTrial,
+                        search_space: dict[str, BaseDistribution]) -> dict[str, int]:
+        info = iteration_info(study)
+        trial = study._storage.get_trial(trial._trial_id)  # Optuna hands over a copy from before before_trial
+        if trial.system_attrs[GENERATION] == 0:
+            return dict(info["start"])
+        return self.propose(study, trial, info, search_space)
+
+    def generation_size(self, study: Study, generation: int) -> int:
+        """Trials in `generation` of the current iteration (0 when there is nothing new to try)."""
+        return 1 if generation == 0 else self.offspring
+
+    def propose(self, study: Study, trial: FrozenTrial, info: dict,
+                search_space: dict[str, BaseDistribution]) -> dict[str, int]:
+        raise NotImplementedError
+
+    def sample_independent(self, study: Study, trial: FrozenTrial, param_name: str,
+                           param_distribution: BaseDistribution):
+        raise RuntimeError(f"{param_name} is not a level of the current search space")
+
+    def _rng(self, *keys: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, *keys])
+
+
+class EvolutionSampler(GenerationalSampler):
+    """Elitist (1 + N) evolution by budget-neutral level swaps (Tyr-the-Pruner, EvoPress)."""
+
+    def __init__(self, *, offspring: int, seed: int = 0, max_swaps: int = 4):
+        super().__init__(offspring=offspring, seed=seed)
+        self.max_swaps = max_swaps
+        self._generations: dict[tuple, list[dict[str, int]]] = {}
+
+    def propose(self, study, trial, info, search_space):
+        return self._children(study, info, trial.system_attrs[GENERATION])[trial.system_attrs[INDEX]]
+
+    def generation_size(self, study: Study, generation: int) -> int:
+        return 1 if generation == 0 else len(self._children(study, iteration_info(study), generation))
+
+    def _children(self, study: Study, info: dict, generation: int) -> list[dict[str, int]]:
+        iteration = info["iteration"]
+        key = (study._study_id, iteration, generation)
+        if key not in self._generations:
+            earlier = [t for t in iteration_trials(study, iteration)
+                       if t.system_attrs.get(GENERATION, generation) < generation]  # unnumbered: being asked
+            parent = best_trial(earlier)
+            if parent is None:
+                raise RuntimeError(f"generation {generation} has no complete parent trial yet")
+            seen = {tuple(sorted(t.params.items())) for t in earlier}
+            self._generations[key] = self.offspring_of(parent.params, _Grid(info), seen,
+                                                       self._rng(iteration, generation))
+        return self._generations[key]
+
+    def offspring_of(self, parent: dict[str, int], grid: _Grid, seen: set[tuple],
+                     rng: np.random.Generator) -> list[dict[str, int]]:
+        """Up to `offspring` new candidates, each 1..max_swaps level swaps away from `parent` (fewer swaps more
+        often: the smaller of two uniform draws)."""
+        children: list[dict[str, int]] = []
+        keys = set(seen) | {tuple(sorted(parent.items()))}
+        units = sorted(u for u, names in grid.by_unit.items() if len(names) > 1)
+        for _ in range(1000 * self.offspring):
+            if len(children) == self.offspring or not units:
+                break
+            child = dict(parent)
+            swaps = min(rng.integers(1, self.max_swaps + 1, size=2))
+            for _ in range(swaps):
+                names = grid.by_unit[units[rng.integers(len(units))]]
+                up, down = (names[i] for i in rng.choice(len(names), size=2, replace=False))
+                removed = grid.shift(up, child[up], +1)
+                added = grid.shift(down, child[down], -1)
+                if removed and added is not None and removed == -added:
+                    child[up] += 1
+                    child[down] -= 1
+            key = tuple(sorted(child.items()))
+            if key not in keys:
+                keys.add(key)
+                children.append(child)
+        return children  # fewer than `offspring` once the parent's neighbourhood is exhausted
+
+
+class BudgetedSampler(GenerationalSampler):
+    """Another Optuna sampler proposes levels; single-level moves then restore the budget exactly."""
+
+    def __init__(self, base: BaseSampler, *, offspring: int, seed: int = 0):
+        super().__init__(offspring=offspring, seed=seed)
+        self.base = base
+
+    def before_trial(self, study, trial):
+        super().before_trial(study, trial)
+        self.base.before_trial(study, trial)
+
+    def after_trial(self, study, trial, state, values):
+        self.base.after_trial(study, trial, state, values)
+
+    def propose(self, study, trial, info, search_space):
+        proposal = self.base.sample_relative(study, trial, search_space)
+        for name, dist in search_space.items():
+            if name not in proposal:
+                proposal[name] = self.base.sample_independent(study, trial, name, dist)
+        grid = _Grid(info)
+        return repair({k: int(v) for k, v in proposal.items()}, grid, grid.totals(info["start"]),
+                      self._rng(info["iteration"], trial.number))
+
+
+def repair(params: dict[str, int], grid: _Grid, totals: dict[str, int], rng: np.random.Generator) -> dict[str, int]:
+    """Move random layers one level at a time until every unit type keeps `totals` units (or the
+    closest count single-level moves reach)."""
+    params = dict(params)
+    for unit, names in grid.by_unit.items():
+        for _ in range(100 * len(names) * (2 * grid.levels + 1)):
+            excess = grid.totals(params)[unit] - totals[unit]  # units kept above the budget
+            if excess == 0:
+                break
+            move = 1 if excess > 0 else -1  # a higher level keeps fewer units
+            movable = [n for n in names if (grid.shift(n, params[n], move) or 0) * move > 0]
+            fitting = [n for n in movable if abs(excess - grid.shift(n, params[n], move)) < abs(excess)]
+            if not fitting:
+                break
+            name = fitting[rng.integers(len(fitting))]
+            params[name] += move
+    return params
+
+
+def make_sampler(strategy: str, *, offspring: int, seed: int) -> GenerationalSampler:
+    """The search strategy by name: evolution (default), tpe or cmaes."""
+    if strategy == "evolution":
+        return EvolutionSampler(offspring=offspring, seed=seed)
+    if strategy == "tpe":
+        return BudgetedSampler(optuna.samplers.TPESampler(seed=seed, multivariate=True), offspring=offspring, seed=seed)
+    if strategy == "cmaes":
+        return BudgetedSampler(optuna.samplers.CmaEsSampler(seed=seed), offspring=offspring, seed=seed)
+    raise ValueError(f"unknown strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
