@@ -18,7 +18,7 @@ def test_bundled_spaces_load_and_fit_their_family(name, factory):
     adapter = adapter_for(model)
     assert space.family in adapter.model_types
     space.check_model(adapter.shapes(model), adapter.unit_types)
-    assert space.selection[0] == Stage(survivors=16, tokens=512) and space.selection[-1].survivors == 1
+    assert space.selection[0] == Stage(survivors=12, tokens=512) and space.selection[-1].survivors == 1
     assert space.fitness.metric == "kl"
 
 
@@ -43,7 +43,7 @@ def test_a_yaml_file_path_works(tmp_path):
     (lambda r: r.pop("levels"), "missing key 'levels'"),
     (lambda r: r["selection"].append({"survivors": 4, "tokens": 16}), "each selection stage must keep fewer"),
     (lambda r: r.update(fitness={"metric": "vibes"}), "fitness.metric must be kl or ppl"),
-    (lambda r: r.update(offspring=2), "keeps 16 of only 2 offspring"),
+    (lambda r: r.update(offspring=2), "keeps 12 of only 2 offspring"),
 ])
 def test_malformed_spaces_are_refused(change, message):
     raw = _llama_raw()
