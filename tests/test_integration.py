@@ -56,7 +56,8 @@ def test_search_on_smollm2_writes_a_reloadable_winner(tmp_path):
                      "fitness: {metric: kl, top_k: 64}\n")
     out = tmp_path / "run"
     result = run_cli("search", "--model", "smollm2-135m", "--space", str(space), "--target", "0.3",
-                     "--criterion", "wanda", "--start", "centre", "--calib-seqs", "4", "--seq-len", "256", "--out", str(out),
+                     "--criterion", "wanda", "--start", "centre", "--calib-seqs", "4", "--seq-len", "256",
+                     "--out", str(out),
                      "--supernet-dir", str(tmp_path / "nets"), "--json")
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)

@@ -152,6 +152,7 @@ def test_search_keeps_the_budget_and_is_deterministic(tmp_path):
         totals = grid.totals(record["start"])
         ours = [t for t in trials if t.system_attrs[ITERATION] == k]
         assert all(grid.totals(t.params) == totals for t in ours)
+        assert len({t.user_attrs["params"] for t in ours}) == 1  # the exact same parameter count
         assert len({tuple(sorted(t.params.items())) for t in ours}) == len(ours)  # no candidate twice
         assert len(ours) == 1 + SPACE.generations * SPACE.offspring
         states = [t.state for t in ours if t.system_attrs[GENERATION] > 0]

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from tyrsearch import allocation, evaluate
 from tyrsearch.errors import UserError
 from tyrsearch.local import make_criterion
-from tyrsearch.models import LayerShape, adapter_for
+from tyrsearch.models import ATTENTION_UNITS, LayerShape, adapter_for
 from tyrsearch.search.candidates import CandidateEvaluator, Levels
 from tyrsearch.search.knapsack import knapsack, layer_sensitivity, removed_params
 from tyrsearch.search.samplers import (
@@ -200,7 +200,7 @@ class Search:
                 zero = [{unit: 0 for unit in units} for units in supernet.grid]
                 start = self.knapsack_start(supernet) if k == 0 and self.config.start == "knapsack" else zero
                 record = {"grid": supernet.grid, "levels": supernet.levels, "start": levels_to_params(start),
-                          "steps": {u: s.step for u, s in space.units.items()}}
+                          "steps": {u: s.step for u, s in space.units.items()}, "cost": self._costs(supernet)}
                 self.study.set_user_attr(f"iteration{k}", record)
             elif record["grid"] != supernet.grid:
                 raise UserError(f"study {self.study.study_name!r} was searched with another grid in iteration {k}; "
@@ -218,6 +218,15 @@ class Search:
         self.times["search"] = time.perf_counter() - tic - self.times["supernet"] - self.times["sensitivity"]
         return SearchResult(levels=params_to_levels(winner.params, len(self.dense)), supernet=supernet,
                             fitness=winner.value, iterations=summary, times_s=dict(self.times))
+
+    def _costs(self, supernet: Supernet) -> dict[str, list[int]]:
+        """Parameters of each searched block at each level: what the sampler keeps constant."""
+        costs = {}
+        for idx, units in enumerate(supernet.grid):
+            for unit, keeps in units.items():
+                block = self.dims.attention_params if unit in ATTENTION_UNITS else self.dims.mlp_params
+                costs[param_name(idx, unit)] = [block(self.dense[idx].with_units(unit, keep)) for keep in keeps]
+        return costs
 
     def iteration_space(self, k: int) -> SearchSpace:
         """Iteration k's space: every unit type's step halved k times (at least 1 unit)."""

@@ -61,8 +61,10 @@ class _Grid:
 
     def __init__(self, info: dict):
         self.levels = info["levels"]
-        self.keeps = {param_name(i, unit): keeps
-                      for i, units in enumerate(info["grid"]) for unit, keeps in units.items()}
+        # what a move trades: the block's parameters per level where the iteration records them (removing
+        # a layer's last query heads also drops its k/v projections), else the units kept
+        self.keeps = info.get("cost") or {param_name(i, unit): keeps
+                                          for i, units in enumerate(info["grid"]) for unit, keeps in units.items()}
         self.by_unit: dict[str, list[str]] = {}
         for name in self.keeps:
             self.by_unit.setdefault(parse_param(name)[1], []).append(name)
