@@ -34,7 +34,7 @@ from tyrsearch.errors import UserError
 from tyrsearch.local import make_criterion
 from tyrsearch.models import ATTENTION_UNITS, LayerShape, adapter_for
 from tyrsearch.search.candidates import CandidateEvaluator, Levels
-from tyrsearch.search.knapsack import knapsack, layer_sensitivity, removed_params
+from tyrsearch.search.knapsack import knapsack_levels
 from tyrsearch.search.samplers import (
     GENERATION,
     ITERATION,
@@ -172,16 +172,8 @@ class Search:
     def knapsack_start(self, supernet: Supernet) -> Levels:
         """Levels minimising the summed single-layer KL under the exact budget (the Tyr start)."""
         tic = time.perf_counter()
-        reference = self.reference.head(self.config.sensitivity_sequences)
-        kl = layer_sensitivity(self.model, supernet, reference, progress=self.progress)
-        removed = removed_params(supernet, self.dense, self.dims)
-        slots = [(idx, unit) for idx, units in enumerate(supernet.grid) for unit in units]
-        level_range = range(-supernet.levels, supernet.levels + 1)
-        items = [[(removed[(idx, unit, lv)], kl[(idx, unit, lv)]) for lv in level_range] for idx, unit in slots]
-        picked = knapsack(items, math.ceil(self.config.target * sum(map(self.dims.params, self.dense))))
-        levels: Levels = [{} for _ in self.dense]
-        for (idx, unit), option in zip(slots, picked, strict=True):
-            levels[idx][unit] = level_range[option]
+        levels, _ = knapsack_levels(self.model, supernet, self.reference.head(self.config.sensitivity_sequences),
+                                    sparsity=self.config.target, dims=self.dims, progress=self.progress)
         self.times["sensitivity"] += time.perf_counter() - tic
         return levels
 

@@ -104,6 +104,23 @@ def knapsack(items: list[list[tuple[int, float]]], budget: int) -> list[int]:
     return picked[::-1]
 
 
+def knapsack_levels(model: nn.Module, supernet: Supernet, reference: evaluate.Reference, *, sparsity: float,
+                    dims: allocation.Dims, progress: bool = True) -> tuple[Levels, float]:
+    """One level per (layer, unit type) with the least summed single-variant KL that removes the smallest
+    reachable share of parameters >= `sparsity`; returns the levels and their predicted (summed) KL."""
+    dense = adapter_for(model).shapes(model)
+    kl = layer_sensitivity(model, supernet, reference, progress=progress)
+    removed = removed_params(supernet, dense, dims)
+    slots = [(idx, unit) for idx, units in enumerate(supernet.grid) for unit in units]
+    level_range = range(-supernet.levels, supernet.levels + 1)
+    items = [[(removed[(idx, unit, lv)], kl[(idx, unit, lv)]) for lv in level_range] for idx, unit in slots]
+    picked = knapsack(items, math.ceil(sparsity * sum(map(dims.params, dense))))
+    levels: Levels = [{} for _ in dense]
+    for (idx, unit), option in zip(slots, picked, strict=True):
+        levels[idx][unit] = level_range[option]
+    return levels, sum(kl[(idx, unit, lv)] for idx, units in enumerate(levels) for unit, lv in units.items())
+
+
 def knapsack_prune(model: nn.Module, criterion: Criterion, batches: torch.Tensor, *, sparsity: float,
                    space: SearchSpace, sensitivity_batches: torch.Tensor, progress: bool = True) -> dict:
     """Prune `model` in place to `sparsity` with the knapsack allocation; returns what was done."""
@@ -116,15 +133,7 @@ def knapsack_prune(model: nn.Module, criterion: Criterion, batches: torch.Tensor
     supernet = build_supernet(model, criterion, batches, space=space, centre=centre, progress=progress)
     built = time.perf_counter()
     reference = evaluate.dense_topk(model, sensitivity_batches, k=space.fitness.top_k, progress=False)
-    kl = layer_sensitivity(model, supernet, reference, progress=progress)
-    removed = removed_params(supernet, dense, dims)
-    slots = [(idx, unit) for idx, units in enumerate(supernet.grid) for unit in units]
-    level_range = range(-supernet.levels, supernet.levels + 1)
-    items = [[(removed[(idx, unit, lv)], kl[(idx, unit, lv)]) for lv in level_range] for idx, unit in slots]
-    picked = knapsack(items, math.ceil(sparsity * sum(map(dims.params, dense))))
-    levels: list[dict[str, int]] = [{} for _ in dense]
-    for (idx, unit), option in zip(slots, picked, strict=True):
-        levels[idx][unit] = level_range[option]
+    levels, predicted_kl = knapsack_levels(model, supernet, reference, sparsity=sparsity, dims=dims, progress=progress)
     supernet.apply(model, levels)
     done = time.perf_counter()
     return {
@@ -132,7 +141,7 @@ def knapsack_prune(model: nn.Module, criterion: Criterion, batches: torch.Tensor
         "allocation": "knapsack",
         "target_sparsity": sparsity,
         "achieved_sparsity": allocation.sparsity_of(adapter.shapes(model), dense, dims),
-        "predicted_kl": sum(kl[(idx, unit, lv)] for idx, units in enumerate(levels) for unit, lv in units.items()),
+        "predicted_kl": predicted_kl,
         "layers": [s.block_config() for s in adapter.shapes(model)],
         "time_s": {"supernet": built - start, "sensitivity_and_knapsack": done - built},
     }
