@@ -109,8 +109,11 @@ def run(args) -> None:
     heldout = assets.read_text("wiki-summaries")
     calib_text = assets.read_text("c4")
     calib_tokens = {}  # model -> c4 token ids, tokenized once
+    # The knapsack allocation is the search's start, so it is run with the search's local pruner only,
+    # after the uniform / owl baselines.
     grid = [("smollm2-135m", s, a, c, args.eval_tokens) for s in args.sparsities for a in args.allocations
-            for c in args.criteria]
+            for c in args.criteria if a != "knapsack" or c == "osscar"]
+    grid.sort(key=lambda row: row[2] == "knapsack")
     if args.gemma:
         grid.append(("gemma3-270m", 0.3, "uniform", "osscar", args.gemma_eval_tokens))
     done = {(r["model"], r["sparsity"], r["allocation"], r["criterion"]) for r in results["rows"]}

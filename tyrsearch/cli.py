@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from tyrsearch.errors import UserError
+from tyrsearch.runners import RUNNERS as RUNNER_NAMES
 
 MODEL_HELP = "a local HF folder, a .gguf file, or an alias (smollm2-135m, gemma3-270m)"
 TEXT_HELP = "a corpus (c4, wiki, wiki-summaries) or a UTF-8 text file"
@@ -175,8 +176,19 @@ def prune_command(model_ref: str, criterion: str, sparsity: float, allocation: s
 @click.option("--start", default="knapsack", show_default=True,
               help="first iteration's start: knapsack (per-layer sensitivities + a dynamic program) "
                    "or centre (uniform)")
-@click.option("--storage", default=None, help="Optuna storage URL (default: sqlite:///OUT/study.db)")
-@click.option("--study", "study_name", default="tyrsearch", show_default=True, help="Optuna study name")
+@click.option("--storage", envvar="OPTUNA_STORAGE", default=None,
+              help="Optuna storage URL, also from $OPTUNA_STORAGE (default: sqlite:///OUT/study.db; "
+                   "postgresql://USER@HOST/DB for workers)")
+@click.option("--study", "--study-name", "study_name", default=None,
+              help="Optuna study name (default: MODEL-tTARGET, e.g. smollm2-135m-t0.3)")
+@click.option("--runner", default="local", show_default=True, type=click.Choice(RUNNER_NAMES),
+              help="local: this process evaluates; optuna: worker processes sharing --storage evaluate")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(min=0),
+              help="optuna runner: worker processes to spawn here (0: only those started with `tyrsearch worker`)")
+@click.option("--worker-threads", default=None, type=click.IntRange(min=1),
+              help="optuna runner: torch threads per spawned worker (default: cores / workers)")
+@click.option("--heartbeat", default=10, show_default=True, type=click.IntRange(min=1),
+              help="seconds between worker heartbeats; a worker silent 3x as long has its trials retried")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--resume", is_flag=True, help="continue the study of an interrupted search in --out")
 @click.option("--supernet-dir", default=None, type=click.Path(path_type=Path),
@@ -187,8 +199,9 @@ def prune_command(model_ref: str, criterion: str, sparsity: float, allocation: s
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object on stdout")
 def search_command(model_ref: str, target: float, out_dir: Path, space_name: str | None, calib_source: str,
                    calib_seqs: int, seq_len: int, criterion: str, strategy: str, start: str, storage: str | None,
-                   study_name: str, seed: int, resume: bool, supernet_dir: Path | None, no_rebuild: bool,
-                   eval_tokens: int, as_json: bool) -> None:
+                   study_name: str | None, runner: str, workers: int, worker_threads: int | None, heartbeat: int,
+                   seed: int, resume: bool, supernet_dir: Path | None, no_rebuild: bool, eval_tokens: int,
+                   as_json: bool) -> None:
     """Search how much to prune in each layer (coarse-to-fine evolution over a supernet, an Optuna study),
     then save the winner as an HF folder with result.json and report.html."""
     from tyrsearch import allocation as allocations
@@ -197,6 +210,8 @@ def search_command(model_ref: str, target: float, out_dir: Path, space_name: str
     from tyrsearch.materialize import save_pruned
     from tyrsearch.models import adapter_for
     from tyrsearch.pruner import dims_of
+    from tyrsearch.runners.local import LocalRunner
+    from tyrsearch.runners.optuna_workers import OptunaRunner
     from tyrsearch.search.driver import (
         STARTS,
         Search,
@@ -206,8 +221,10 @@ def search_command(model_ref: str, target: float, out_dir: Path, space_name: str
         open_study,
         uniform_centre,
     )
-    from tyrsearch.search.report import write_report
+    from tyrsearch.search.job import JOB, Job
+    from tyrsearch.search.report import RESULT, write_report
     from tyrsearch.search.samplers import STRATEGIES
+    from tyrsearch.search.storage import open_storage, redact
     from tyrsearch.space import load_space
 
     allocations.check_sparsity(target, flag="--target")
@@ -221,25 +238,32 @@ def search_command(model_ref: str, target: float, out_dir: Path, space_name: str
         _check_out_dir(out_dir, overwrite=False)
     elif not out_dir.is_dir():
         raise UserError(f"--resume: {out_dir} does not exist; run the search without --resume first")
-    text = assets.read_text(calib_source)
+    storage_url = storage or f"sqlite:///{(out_dir / 'study.db').resolve()}"
+    study_name = study_name or f"{Path(model_ref).name.removesuffix('.gguf')}-t{target:g}"
+    job = Job.of(model=model_ref, calib=calib_source, calib_seqs=calib_seqs, seq_len=seq_len, seed=seed)
+    run = LocalRunner() if runner == "local" else OptunaRunner(
+        storage_url=storage_url, study_name=study_name, workers=workers, threads=worker_threads, heartbeat_s=heartbeat)
+    assets.read_text(calib_source)  # a missing corpus or an unreachable database fails before the model loads
+    store = open_storage(storage_url, heartbeat_s=heartbeat) if storage else None
     model, tokenizer = assets.load_model(model_ref)
     adapter = adapter_for(model)
     space = space or load_space(adapter.search_space)
     dense = adapter.shapes(model)
     space.check_model(dense, adapter.unit_types)
     check_reachable(space, dense, dims_of(model), target)
-    out_dir.mkdir(parents=True, exist_ok=True)
     config = SearchConfig(target=target, criterion=criterion, strategy=strategy, start=start, seed=seed,
                           no_rebuild=no_rebuild)
-    storage = storage or f"sqlite:///{(out_dir / 'study.db').resolve()}"
-    study = open_study(storage=storage, study_name=study_name, space=space, config=config, resume=resume)
-    tokens = data.tokenize(tokenizer, text)
-    calibration = data.calibration_batches(tokenizer, tokens, seq_len=seq_len, count=calib_seqs, seed=seed)
-    fitness_seqs = -(-space.selection[-1].tokens // seq_len)
-    fitness_batches = data.calibration_batches(tokenizer, tokens, seq_len=seq_len, count=fitness_seqs, seed=seed + 1)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    store = store or open_storage(storage_url, heartbeat_s=heartbeat)  # the default SQLite file lives in --out
+    study = open_study(storage=store, study_name=study_name, space=space, config=config, resume=resume)
+    if study.user_attrs.get(JOB, job.to_dict()) != job.to_dict():
+        raise UserError(f"study {study_name!r} searches another model or calibration: resume with the same "
+                        "--model, --calib, --calib-seqs, --seq-len and --seed, or choose another --study")
+    study.set_user_attr(JOB, job.to_dict())
+    calibration, fitness_batches = job.batches(tokenizer, space)
     search = Search(model=model, calibration=calibration, fitness_batches=fitness_batches, space=space,
                     config=config, study=study, supernet_dir=supernet_dir or assets.cache_dir() / "supernets")
-    found = search.run()
+    found = run.run(search)
     tic = time.perf_counter()
     pruned = materialize(model, found)
     shapes = adapter.shapes(pruned)
@@ -253,8 +277,9 @@ def search_command(model_ref: str, target: float, out_dir: Path, space_name: str
         "layers": [s.block_config() for s in shapes],
         "iterations": found.iterations,
         "calibration": {"source": calib_source, "sequences": calib_seqs, "seq_len": seq_len, "seed": seed},
-        "study": {"storage": storage, "name": study_name, "trials": len(study.trials)},
-        "config": {"criterion": criterion, "strategy": strategy, "start": start, "space": space.family},
+        "study": {"storage": redact(storage_url), "name": study_name, "trials": len(study.trials)},
+        "config": {"criterion": criterion, "strategy": strategy, "start": start, "space": space.family,
+                   "runner": runner, "workers": workers if runner != "local" else 1},
     }
     save_pruned(pruned, tokenizer, out_dir / "model")
     times = {**found.times_s, "materialize": time.perf_counter() - tic}
@@ -266,14 +291,79 @@ def search_command(model_ref: str, target: float, out_dir: Path, space_name: str
         times["eval"] = time.perf_counter() - tic
     result["times_s"] = times
     (out_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    study.set_user_attr(RESULT, result)  # `tyrsearch report` renders the same page from the study alone
     write_report(out_dir / "report.html", study=study, result=result, dense=dense,
                  uniform=uniform_centre(dense, search.dims, target))
     _emit(result, as_json)
 
 
+STORAGE_HELP = "Optuna storage URL of the study, also from $OPTUNA_STORAGE (e.g. postgresql://USER@HOST/DB)"
+
+
+@cli.command("worker")
+@click.option("--storage", envvar="OPTUNA_STORAGE", required=True, help=STORAGE_HELP)
+@click.option("--study", "--study-name", "study_name", required=True, help="the search's study name")
+@click.option("--threads", default=None, type=click.IntRange(min=1), help="torch threads (default: all cores)")
+@click.option("--heartbeat", default=10, show_default=True, type=click.IntRange(min=1),
+              help="seconds between heartbeats; a worker silent 3x as long has its trials retried by others")
+@click.option("--wait", default=60, show_default=True, type=click.IntRange(min=0),
+              help="seconds to wait for the search to create the study")
+@click.option("--quiet", is_flag=True, help="no progress bar")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object on stdout")
+def worker_command(storage: str, study_name: str, threads: int | None, heartbeat: int, wait: int, quiet: bool,
+                   as_json: bool) -> None:
+    """Evaluate candidates of a search's study (started with `tyrsearch search --runner optuna`) until
+    the search is done. Start as many as you like, on any machine that reaches the database and the
+    model and supernet paths; rerun one that was killed and it carries on."""
+    from tyrsearch.runners.optuna_workers import serve
+
+    _emit(serve(storage_url=storage, study_name=study_name, heartbeat_s=heartbeat, threads=threads, wait_s=wait,
+                progress=not quiet), as_json)
+
+
+@cli.command("dashboard")
+@click.option("--storage", envvar="OPTUNA_STORAGE", required=True, help=STORAGE_HELP)
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to bind (127.0.0.1: this machine only)")
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(min=1, max=65535))
+def dashboard_command(storage: str, host: str, port: int) -> None:
+    """Serve optuna-dashboard for the study storage: every candidate's fitness per selection stage, its
+    per-layer allocation, parameters and FLOPs (user attrs), live while the search runs."""
+    import optuna_dashboard
+
+    from tyrsearch.search.storage import open_storage, redact
+
+    store = open_storage(storage)
+    click.echo(f"optuna-dashboard for {redact(storage)} on http://{host}:{port}/ (Ctrl-C stops it)", err=True)
+    optuna_dashboard.run_server(store, host=host, port=port)
+
+
+@cli.command("report")
+@click.option("--storage", envvar="OPTUNA_STORAGE", required=True, help=STORAGE_HELP)
+@click.option("--study", "--study-name", "study_name", required=True, help="the search's study name")
+@click.option("--out", "out_file", required=True, type=click.Path(path_type=Path, dir_okay=False),
+              help="the HTML file to write")
+def report_command(storage: str, study_name: str, out_file: Path) -> None:
+    """Write the search's report.html from its study, finished or still running (best so far)."""
+    from tyrsearch.search.report import study_report
+    from tyrsearch.search.storage import open_storage
+
+    page = study_report(open_storage(storage), study_name)
+    _check_out_dir(out_file.parent, overwrite=True)
+    tmp = out_file.with_name(f".{out_file.name}.tmp")
+    tmp.write_text(page, encoding="utf-8")
+    tmp.replace(out_file)
+    click.echo(str(out_file))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors become one line on stderr and exit status 2."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import warnings
+
+    import optuna
+
+    # heartbeats and their retry callback are marked experimental in Optuna; they are what we rely on
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own bars show the long work; loading bars would bury errors

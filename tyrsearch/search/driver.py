@@ -3,13 +3,14 @@
     for each iteration k (the level step halves each time):
         supernet around the centre (uniform at first, then the previous winner), built or reused
         generation 0: the start candidate (knapsack over per-layer sensitivities, or the centre)
-        generations 1..G: the sampler proposes N candidates; every candidate reports its fitness on
-            the first stage's tokens, the SelectionPruner keeps the best for the next stage, ...;
-            the last stage's survivors complete with their fitness on the most tokens
+        generations 1..G: the sampler plans N candidates as WAITING trials; workers (this process, or
+            others on the same storage: see worker.py) evaluate each on the first stage's tokens, the
+            SelectionPruner keeps the best for the next stage, ...; the last stage's survivors complete
         winner_k: the best complete trial of the iteration (the parent competes: elitist)
 
-Everything the search knows is in the study, so a rerun with the same storage resumes it: complete
-generations are kept, trials left running by a killed process are marked failed and redone.
+The search plans and waits; it does not know where the candidates are evaluated (a runner hands it the
+`work` to do in between). Everything it knows is in the study, so a rerun with the same storage resumes
+it: complete generations are kept, trials left running by a killed process are retried.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -29,23 +30,25 @@ from optuna.trial import TrialState
 from torch import nn
 from tqdm.auto import tqdm
 
-from tyrsearch import allocation, evaluate
+from tyrsearch import allocation
 from tyrsearch.errors import UserError
 from tyrsearch.local import make_criterion
 from tyrsearch.models import ATTENTION_UNITS, LayerShape, adapter_for
-from tyrsearch.search.candidates import CandidateEvaluator, Levels
+from tyrsearch.search.candidates import Levels
 from tyrsearch.search.knapsack import knapsack_levels
 from tyrsearch.search.samplers import (
     GENERATION,
+    INDEX,
     ITERATION,
     best_trial,
     iteration_trials,
     make_sampler,
     param_name,
-    parse_param,
 )
 from tyrsearch.search.selection import SelectionPruner
-from tyrsearch.space import SearchSpace
+from tyrsearch.search.storage import load_study
+from tyrsearch.search.worker import DONE, FIXED, Worker, generation_trials, params_to_levels, reference_for, retry
+from tyrsearch.space import SearchSpace, parse_space
 from tyrsearch.supernet import Supernet, build_supernet, fingerprint
 
 STARTS = ("knapsack", "centre")
@@ -70,14 +73,6 @@ class SearchResult:
     fitness: float
     iterations: list[dict] = field(default_factory=list)
     times_s: dict[str, float] = field(default_factory=dict)
-
-
-def params_to_levels(params: dict[str, int], layers: int) -> Levels:
-    levels: Levels = [{} for _ in range(layers)]
-    for name, level in params.items():
-        idx, unit = parse_param(name)
-        levels[idx][unit] = int(level)
-    return levels
 
 
 def levels_to_params(levels: Levels) -> dict[str, int]:
@@ -130,23 +125,25 @@ class Search:
         space.check_model(self.dense, self.adapter.unit_types)
         check_reachable(space, self.dense, self.dims, config.target)
         self.seq_len = fitness_batches.shape[1]
-        self.stage_sequences = [math.ceil(stage.tokens / self.seq_len) for stage in space.selection]
-        if self.stage_sequences[-1] > fitness_batches.shape[0]:
-            raise ValueError(f"the last selection stage needs {self.stage_sequences[-1]} fitness sequences")
-        self.reference = evaluate.dense_topk(model, fitness_batches[: self.stage_sequences[-1]],
-                                             k=space.fitness.top_k, batch_size=config.batch_size, progress=False)
+        self.stage_sequences = [-(-stage.tokens // self.seq_len) for stage in space.selection]
+        self.reference = reference_for(model, fitness_batches, space, batch_size=config.batch_size)
         self.times: dict[str, float] = {"supernet": 0.0, "sensitivity": 0.0, "search": 0.0}
 
     # -- supernets ------------------------------------------------------------------------------------
 
-    def supernet(self, centre: list[LayerShape], space: SearchSpace) -> Supernet:
-        """The supernet around `centre`, from the cache folder when one with the same model, calibration,
-        criterion and grid is there and intact; otherwise built and saved."""
+    def supernet_folder(self, centre: list[LayerShape], space: SearchSpace) -> Path:
+        """Where the supernet around `centre` is cached: named by a hash of the model, calibration,
+        criterion and grid, so every search with the same ones reuses it."""
         key = json.dumps({"model": self._model_fingerprint(), "calibration": fingerprint([self.calibration]),
                           "criterion": self.config.criterion, "centre": [asdict(s) for s in centre],
                           "units": {u: asdict(s) for u, s in space.units.items()}, "levels": space.levels},
                          sort_keys=True)
-        folder = self.supernet_dir / hashlib.sha256(key.encode()).hexdigest()[:16]
+        return self.supernet_dir / hashlib.sha256(key.encode()).hexdigest()[:16]
+
+    def supernet(self, centre: list[LayerShape], space: SearchSpace) -> Supernet:
+        """The supernet around `centre`, from the cache folder when it is there and intact; otherwise
+        built and saved."""
+        folder = self.supernet_folder(centre, space)
         if (folder / "manifest.json").is_file():
             try:
                 return Supernet.load(folder)
@@ -179,34 +176,52 @@ class Search:
 
     # -- the study ------------------------------------------------------------------------------------
 
-    def run(self) -> SearchResult:
+    def run(self, *, work: Callable[[], bool] | None = None, poll_s: float = 0.2) -> SearchResult:
+        """Plan every generation and wait for its candidates to be evaluated. `work` does one piece of
+        evaluation and says whether there was any (other processes may do the rest). Without it, an
+        in-process Worker evaluates, and this process owns the study: trials left running by a killed
+        earlier run are retried at once instead of when their heartbeat goes stale."""
         tic = time.perf_counter()
-        self._fail_stale_trials()
+        self.study.set_user_attr(DONE, False)
+        local = None
+        if work is None:
+            for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                retry(self.study, trial)
+            local = Worker(study=self.study, model=self.model, reference=self.reference, space=self.space,
+                           batch_size=self.config.batch_size)
+            work = local.step
         centre = uniform_centre(self.dense, self.dims, self.config.target)
         summary, supernet, winner = [], None, None
-        for k in range(self.space.iterations):
-            space = self.iteration_space(k)
-            supernet = self.supernet(centre, space)
-            record = self.study.user_attrs.get(f"iteration{k}")
-            if record is None:
-                zero = [{unit: 0 for unit in units} for units in supernet.grid]
-                start = self.knapsack_start(supernet) if k == 0 and self.config.start == "knapsack" else zero
-                record = {"grid": supernet.grid, "levels": supernet.levels, "start": levels_to_params(start),
-                          "steps": {u: s.step for u, s in space.units.items()}, "cost": self._costs(supernet)}
-                self.study.set_user_attr(f"iteration{k}", record)
-            elif record["grid"] != supernet.grid:
-                raise UserError(f"study {self.study.study_name!r} was searched with another grid in iteration {k}; "
-                                "resume with the same model, space, target and calibration, or start a new study")
-            self.study.set_user_attr(ITERATION, k)
-            evaluator = CandidateEvaluator(model=self.model, supernet=supernet, reference=self.reference,
-                                           metric=self.space.fitness.metric, batch_size=self.config.batch_size)
-            winner = self._iterate(k, evaluator)
-            levels = params_to_levels(winner.params, len(self.dense))
-            summary.append({"iteration": k, "steps": record["steps"], "start_fitness": self._start_fitness(k),
-                            "fitness": winner.value, "trial": winner.number,
-                            "evaluation_seconds": evaluator.seconds,
-                            "evaluated_sequences": evaluator.evaluated_sequences})
-            centre = shapes_of(supernet, levels, self.dense)
+        try:
+            for k in range(self.space.iterations):
+                space = self.iteration_space(k)
+                supernet, folder = self.supernet(centre, space), str(self.supernet_folder(centre, space))
+                self._supernet = supernet
+                if local is not None:
+                    local.supernets[folder] = supernet
+                record = self.study.user_attrs.get(f"iteration{k}")
+                if record is None:
+                    zero = [{unit: 0 for unit in units} for units in supernet.grid]
+                    start = self.knapsack_start(supernet) if k == 0 and self.config.start == "knapsack" else zero
+                    record = {"grid": supernet.grid, "levels": supernet.levels, "start": levels_to_params(start),
+                              "steps": {u: s.step for u, s in space.units.items()}, "cost": self._costs(supernet)}
+                elif record["grid"] != supernet.grid:
+                    raise UserError(f"study {self.study.study_name!r} was searched with another grid in iteration "
+                                    f"{k}; resume with the same model, space, target and calibration, or start a "
+                                    "new study")
+                self.study.set_user_attr(f"iteration{k}", {**record, "supernet": folder})  # workers load it there
+                self.study.set_user_attr(ITERATION, k)
+                winner = self._iterate(k, work, poll_s)
+                levels = params_to_levels(winner.params, len(self.dense))
+                trials = iteration_trials(self.study, k)
+                summary.append({"iteration": k, "steps": record["steps"], "start_fitness": self._start_fitness(k),
+                                "fitness": winner.value, "trial": winner.number,
+                                "evaluation_seconds": sum(t.user_attrs.get("seconds", 0.0) for t in trials)})
+                centre = shapes_of(supernet, levels, self.dense)
+        finally:
+            if local is not None:
+                local.close()
+        self.study.set_user_attr(DONE, True)
         self.times["search"] = time.perf_counter() - tic - self.times["supernet"] - self.times["sensitivity"]
         return SearchResult(levels=params_to_levels(winner.params, len(self.dense)), supernet=supernet,
                             fitness=winner.value, iterations=summary, times_s=dict(self.times))
@@ -225,75 +240,61 @@ class Search:
         units = {u: replace(s, step=max(1, s.step >> k)) for u, s in self.space.units.items()}
         return replace(self.space, units=units)
 
-    def _fail_stale_trials(self) -> None:
-        """Trials left running by a killed process are failed; their places are redone."""
-        for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
-            self.study.tell(trial.number, state=TrialState.FAIL)
-
     def _start_fitness(self, k: int) -> float:
         trials = [t for t in iteration_trials(self.study, k) if t.system_attrs.get(GENERATION) == 0]
         return trials[0].value if trials else float("nan")
 
-    def _iterate(self, k: int, evaluator: CandidateEvaluator) -> optuna.trial.FrozenTrial:
-        generations = self.space.generations
-        bar = tqdm(range(generations + 1), desc=f"iteration {k + 1}/{self.space.iterations}",
+    def _iterate(self, k: int, work: Callable[[], bool], poll_s: float) -> optuna.trial.FrozenTrial:
+        bar = tqdm(range(self.space.generations + 1), desc=f"iteration {k + 1}/{self.space.iterations}",
                    disable=not self.progress, unit="gen")
         for generation in bar:
-            size = self.study.sampler.generation_size(self.study, generation)
+            size = self._plan(k, generation)
             if size == 0:
                 tqdm.write(f"iteration {k + 1}: every candidate around the parent was tried; moving on",
                            file=sys.stderr)
                 break
-            done = [t for t in iteration_trials(self.study, k) if t.system_attrs.get(GENERATION) == generation]
-            if len(done) < size:  # not finished before a resume
-                if generation > 0:  # the parent of this generation: the best so far (elitist)
-                    parent = best_trial([t for t in iteration_trials(self.study, k)
-                                         if t.system_attrs[GENERATION] < generation])
-                    evaluator.set_parent(params_to_levels(parent.params, len(self.dense)))
-                self._generation(evaluator, size - len(done))
+            while not self._finished(k, generation, size):
+                if not work():
+                    optuna.storages.fail_stale_trials(self.study)  # a dead worker's trials are queued again
+                    time.sleep(poll_s)
             best = best_trial(iteration_trials(self.study, k))
             bar.set_postfix(fitness=f"{best.value:.4f}", trials=len(self.study.trials))
         return best_trial(iteration_trials(self.study, k))
 
-    def _generation(self, evaluator: CandidateEvaluator, count: int) -> None:
-        """Ask `count` trials (one generation's remaining places) and run them through the stages."""
-        alive = [self.study.ask() for _ in range(count)]
-        for trial in alive:
-            levels = params_to_levels(self._levels(trial), len(self.dense))
-            self._describe(trial, evaluator.supernet, levels)
-        stages = self.stage_sequences
-        for step, sequences in enumerate(stages):
-            values = {}
-            for trial in alive:
-                values[trial.number] = evaluator.fitness(params_to_levels(trial.params, len(self.dense)), sequences)
-                trial.report(values[trial.number], step)
-            if step + 1 == len(stages):
-                for trial in alive:
-                    self.study.tell(trial, values[trial.number])
-                return
-            survivors = []
-            for trial in alive:
-                if trial.should_prune():
-                    self.study.tell(trial, state=TrialState.PRUNED)
-                else:
-                    survivors.append(trial)
-            alive = survivors
+    def _plan(self, k: int, generation: int) -> int:
+        """Queue the generation's candidates as WAITING trials with fixed params; returns its size. A plan
+        left half-made by a killed process is completed (the sampler proposes the same candidates)."""
+        planned = [t for t in self.study.get_trials(deepcopy=False)
+                   if t.system_attrs.get(ITERATION) == k and t.system_attrs.get(GENERATION) == generation]
+        size = len({t.system_attrs[INDEX] for t in planned})
+        if not planned:
+            size = self.study.sampler.generation_size(self.study, generation)
+            for index in range(size):
+                self.study.add_trial(optuna.trial.create_trial(
+                    state=TrialState.WAITING, system_attrs={ITERATION: k, GENERATION: generation, INDEX: index}))
+            planned = generation_trials(self.study, k, generation)
+        for trial in sorted(planned, key=lambda t: t.number):
+            if trial.state == TrialState.WAITING and FIXED not in trial.system_attrs:
+                params = self.study.sampler.plan(self.study, self.study._storage.get_trial(trial._trial_id))
+                self._describe(trial, params)
+                self.study._storage.set_trial_system_attr(trial._trial_id, FIXED, params)  # now claimable
+        return size
 
-    def _levels(self, trial: optuna.Trial) -> dict[str, int]:
-        """The trial's levels, suggested over the iteration's space (the sampler chose them)."""
-        levels = self.space.levels
-        return {name: trial.suggest_int(name, -levels, levels)
-                for name in sorted(param_name(i, u) for i in range(len(self.dense)) for u in self.space.units)}
+    def _finished(self, k: int, generation: int, size: int) -> bool:
+        done = {t.system_attrs[INDEX] for t in generation_trials(self.study, k, generation)
+                if t.state in (TrialState.COMPLETE, TrialState.PRUNED)}
+        return len(done) == size
 
-    def _describe(self, trial: optuna.Trial, supernet: Supernet, levels: Levels) -> None:
+    def _describe(self, trial: optuna.trial.FrozenTrial, params: dict[str, int]) -> None:
         """User attrs the dashboard shows: units kept per layer, parameters, sparsity, FLOPs per token."""
-        shapes = shapes_of(supernet, levels, self.dense)
-        params = sum(map(self.dims.params, shapes))
+        shapes = shapes_of(self._supernet, params_to_levels(params, len(self.dense)), self.dense)
+        n_params = sum(map(self.dims.params, shapes))
         attention_flops = sum(2 * self.seq_len * s.q_heads * self.dims.head_dim for s in shapes)  # QK^T, AV (causal)
-        trial.set_user_attr("keeps", [[s.q_heads, s.kv_heads, s.intermediate] for s in shapes])
-        trial.set_user_attr("params", params)
-        trial.set_user_attr("sparsity", allocation.sparsity_of(shapes, self.dense, self.dims))
-        trial.set_user_attr("flops_per_token", 2 * params + attention_flops)
+        attrs = {"keeps": [[s.q_heads, s.kv_heads, s.intermediate] for s in shapes], "params": n_params,
+                 "sparsity": allocation.sparsity_of(shapes, self.dense, self.dims),
+                 "flops_per_token": 2 * n_params + attention_flops}
+        for key, value in attrs.items():
+            self.study._storage.set_trial_user_attr(trial._trial_id, key, value)
 
 
 def materialize(model: nn.Module, result: SearchResult) -> nn.Module:
@@ -301,17 +302,20 @@ def materialize(model: nn.Module, result: SearchResult) -> nn.Module:
     return result.supernet.apply(copy.deepcopy(model), result.levels)
 
 
-def open_study(*, storage: str, study_name: str, space: SearchSpace, config: SearchConfig,
-               resume: bool) -> optuna.Study:
+def _sampler_and_pruner(space: SearchSpace, strategy: str, seed: int) -> dict:
+    return {"sampler": make_sampler(strategy, offspring=space.offspring, seed=seed),
+            "pruner": SelectionPruner(survivors=[stage.survivors for stage in space.selection])}
+
+
+def open_study(*, storage: str | optuna.storages.BaseStorage, study_name: str, space: SearchSpace,
+               config: SearchConfig, resume: bool) -> optuna.Study:
     """The study behind a search: created new, or (resume) loaded and checked to be the same search."""
-    sampler = make_sampler(config.strategy, offspring=space.offspring, seed=config.seed)
-    pruner = SelectionPruner(survivors=[stage.survivors for stage in space.selection])
     settings = {"target": config.target, "criterion": config.criterion, "strategy": config.strategy,
                 "start": config.start, "seed": config.seed, "space": asdict(space)}
     settings = json.loads(json.dumps(settings))  # tuples become lists, as the storage returns them
     try:
-        study = optuna.create_study(storage=storage, study_name=study_name, sampler=sampler, pruner=pruner,
-                                    direction="minimize", load_if_exists=resume)
+        study = optuna.create_study(storage=storage, study_name=study_name, direction="minimize",
+                                    load_if_exists=resume, **_sampler_and_pruner(space, config.strategy, config.seed))
     except optuna.exceptions.DuplicatedStudyError:
         raise UserError(f"study {study_name!r} already exists in {storage}: pass --resume to continue it "
                         "or choose another --study") from None
@@ -323,3 +327,14 @@ def open_study(*, storage: str, study_name: str, space: SearchSpace, config: Sea
         raise UserError(f"study {study_name!r} was started with other settings ({', '.join(changed)}): "
                         "resume with the same ones or choose another --study")
     return study
+
+
+def join_study(*, storage: optuna.storages.BaseStorage, study_name: str) -> tuple[optuna.Study, SearchSpace]:
+    """A running search's study, opened with the search's own sampler and pruner (what a worker needs)."""
+    settings = load_study(storage, study_name).user_attrs.get("settings")
+    if settings is None:
+        raise UserError(f"study {study_name!r} is not a tyrsearch search; give the --study of a search")
+    space = parse_space(settings["space"], source=f"study {study_name!r}")
+    study = optuna.load_study(study_name=study_name, storage=storage,
+                              **_sampler_and_pruner(space, settings["strategy"], settings["seed"]))
+    return study, space

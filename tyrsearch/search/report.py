@@ -4,13 +4,18 @@ per-layer allocation of the winner next to uniform."""
 from __future__ import annotations
 
 import html
+import math
 from pathlib import Path
 
 import optuna
 from optuna.trial import TrialState
 
+from tyrsearch.allocation import Dims
+from tyrsearch.errors import UserError
 from tyrsearch.models import LayerShape
-from tyrsearch.search.samplers import GENERATION, ITERATION
+from tyrsearch.search.samplers import GENERATION, ITERATION, best_trial, iteration_trials
+
+RESULT = "tyr:result"  # study user attr: the finished search's result.json
 
 WIDTH, HEIGHT, PAD = 720, 220, 40
 
@@ -66,8 +71,7 @@ def _bars_svg(title: str, searched: list[float], uniform: list[float]) -> str:
             "</svg>")
 
 
-def write_report(path: Path, *, study: optuna.Study, result: dict, dense: list[LayerShape],
-                 uniform: list[LayerShape]) -> None:
+def render_report(*, study: optuna.Study, result: dict, dense: list[LayerShape], uniform: list[LayerShape]) -> str:
     searched = result["layers"]
     attention = [b["num_attention_heads"] / d.q_heads for b, d in zip(searched, dense, strict=True)]
     mlp = [b["intermediate_size"] / d.intermediate for b, d in zip(searched, dense, strict=True)]
@@ -79,6 +83,7 @@ def write_report(path: Path, *, study: optuna.Study, result: dict, dense: list[L
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>tyrsearch report</title>
 <style>body{{font-family:sans-serif;max-width:{WIDTH + 40}px;margin:2em auto}}td,th{{padding:2px 10px}}</style></head>
 <body><h1>tyrsearch: {html.escape(str(result["model"]))} at {result["target"]:.0%}</h1>
+{"<p><b>The search is still running: the best candidate so far.</b></p>" if result.get("running") else ""}
 <p>achieved sparsity {result["achieved_sparsity"]:.4f}; decoder parameters {result["decoder_params_before"]:,}
 &rarr; {result["decoder_params_after"]:,}; fitness ({result["fitness"]["metric"]}) {result["fitness"]["value"]:.5f}
 {f'; held-out ppl {held_out["ppl"]:.2f}' if held_out else ''}</p>
@@ -89,6 +94,58 @@ def write_report(path: Path, *, study: optuna.Study, result: dict, dense: list[L
 {_bars_svg("MLP: channels kept", mlp, uniform_mlp)}
 </body></html>
 """
-    tmp = path.with_suffix(".html.tmp")
-    tmp.write_text(page, encoding="utf-8")
+    return page
+
+
+def write_report(path: Path, *, study: optuna.Study, result: dict, dense: list[LayerShape],
+                 uniform: list[LayerShape]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(render_report(study=study, result=result, dense=dense, uniform=uniform), encoding="utf-8")
     tmp.replace(path)
+
+
+def study_result(study: optuna.Study, *, model: str, dense: list[LayerShape], dims: Dims) -> dict:
+    """What a finished search's result.json says, read from its study alone: the search's own result once
+    it has finished, else the best candidate so far."""
+    if RESULT in study.user_attrs:
+        return study.user_attrs[RESULT]
+    settings, iterations = study.user_attrs["settings"], []
+    best = None
+    for k in range(settings["space"]["iterations"]):
+        record = study.user_attrs.get(f"iteration{k}")
+        trials = iteration_trials(study, k)
+        winner = best_trial(trials)
+        if record is None or winner is None:
+            break
+        start = next((t.value for t in trials if t.system_attrs[GENERATION] == 0 and t.value is not None), math.nan)
+        iterations.append({"iteration": k, "steps": record["steps"], "start_fitness": start, "fitness": winner.value})
+        best = winner
+    if best is None:
+        raise UserError(f"study {study.study_name!r} has no complete candidate yet: try again once a generation ends")
+    return {
+        "model": model, "target": settings["target"], "achieved_sparsity": best.user_attrs["sparsity"],
+        "decoder_params_before": sum(map(dims.params, dense)), "decoder_params_after": best.user_attrs["params"],
+        "fitness": {"metric": settings["space"]["fitness"]["metric"], "value": best.value},
+        "layers": [{"num_attention_heads": q, "num_key_value_heads": kv, "intermediate_size": mlp}
+                   for q, kv, mlp in best.user_attrs["keeps"]],
+        "iterations": iterations, "running": True,
+    }
+
+
+def study_report(storage: optuna.storages.BaseStorage, study_name: str) -> str:
+    """The report page of a search's study, finished or running (`tyrsearch report`)."""
+    from tyrsearch import assets
+    from tyrsearch.models import adapter_for
+    from tyrsearch.pruner import dims_of
+    from tyrsearch.search.driver import uniform_centre
+    from tyrsearch.search.job import JOB, Job
+    from tyrsearch.search.storage import load_study
+
+    study = load_study(storage, study_name)
+    if JOB not in study.user_attrs:
+        raise UserError(f"study {study_name!r} is not a tyrsearch search; give the --study of a search")
+    job = Job(**study.user_attrs[JOB])
+    model, _ = assets.load_model(job.model)
+    dense, dims = adapter_for(model).shapes(model), dims_of(model)
+    result = study_result(study, model=job.model, dense=dense, dims=dims)
+    return render_report(study=study, result=result, dense=dense, uniform=uniform_centre(dense, dims, result["target"]))

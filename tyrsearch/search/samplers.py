@@ -2,13 +2,14 @@
 
 A study holds one trial per candidate. Its params are levels named `L03.mlp` (layer 3, MLP channels);
 the iteration's grid (units kept per level) and start candidate live in the study's user attrs, so any
-process that opens the study can sample from it. `before_trial` numbers each trial inside its
-iteration: generation 0 is the start candidate alone, then generations of `offspring` trials each.
-A failed trial does not count, so its replacement gets the same place and the same candidate.
+process that opens the study sees the same space. The search plans each generation as WAITING trials
+numbered (iteration, generation, index) in their system attrs and asks the sampler to `propose` each
+one's levels; workers then claim and evaluate them (see `worker.py`). Generation 0 is the start
+candidate alone, then generations of up to `offspring` trials each.
 
 - `EvolutionSampler` (Tyr / EvoPress): offspring of the best complete trial so far (elitist) by 1-4
   level swaps between two layers of one unit type; a swap only where both moves shift the same number
-  of units, so the per-type unit count (and the parameter budget) is exact. Never a candidate twice.
+  of parameters, so the budget is exact. Never a candidate twice.
 - `BudgetedSampler`: any Optuna sampler (TPE, CMA-ES) proposes; the proposal is then repaired to the
   start candidate's unit counts by single-level moves.
 """
@@ -86,47 +87,37 @@ class _Grid:
 
 
 class GenerationalSampler(BaseSampler):
-    """The shared frame: iteration/generation numbering, the start candidate, the level space."""
+    """The shared frame: the generation sizes, the start candidate, the level space. Planned trials carry
+    their levels as fixed params, so Optuna's own per-trial sampling hooks have nothing to do."""
 
     def __init__(self, *, offspring: int, seed: int = 0):
         self.offspring, self.seed = offspring, seed
 
-    def before_trial(self, study: Study, trial: FrozenTrial) -> None:
-        if GENERATION in trial.system_attrs:
-            return
-        iteration = study.user_attrs[ITERATION]
-        place = sum(t.number < trial.number for t in iteration_trials(study, iteration))
-        generation = 0
-        while place >= (size := self.generation_size(study, generation)):  # earlier generations are complete
-            if size == 0:
-                raise RuntimeError(f"generation {generation} has no new candidate to try")
-            place -= size
-            generation += 1
-        for key, value in ((ITERATION, iteration), (GENERATION, generation), (INDEX, place)):
-            study._storage.set_trial_system_attr(trial._trial_id, key, value)
-
     def infer_relative_search_space(self, study: Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
-        return _Grid(iteration_info(study)).space()
+        return {}
 
     def sample_relative(self, study: Study, trial: FrozenTrial,
                         search_space: dict[str, BaseDistribution]) -> dict[str, int]:
-        info = iteration_info(study)
-        trial = study._storage.get_trial(trial._trial_id)  # Optuna hands over a copy from before before_trial
-        if trial.system_attrs[GENERATION] == 0:
-            return dict(info["start"])
-        return self.propose(study, trial, info, search_space)
+        return {}
+
+    def sample_independent(self, study: Study, trial: FrozenTrial, param_name: str,
+                           param_distribution: BaseDistribution):
+        raise RuntimeError(f"{param_name} was not planned: trials of a search are created by the search")
 
     def generation_size(self, study: Study, generation: int) -> int:
         """Trials in `generation` of the current iteration (0 when there is nothing new to try)."""
         return 1 if generation == 0 else self.offspring
 
+    def plan(self, study: Study, trial: FrozenTrial) -> dict[str, int]:
+        """Levels for the planned (WAITING) `trial`, numbered in its system attrs."""
+        info = iteration_info(study)
+        if trial.system_attrs[GENERATION] == 0:
+            return dict(info["start"])
+        return self.propose(study, trial, info, _Grid(info).space())
+
     def propose(self, study: Study, trial: FrozenTrial, info: dict,
                 search_space: dict[str, BaseDistribution]) -> dict[str, int]:
         raise NotImplementedError
-
-    def sample_independent(self, study: Study, trial: FrozenTrial, param_name: str,
-                           param_distribution: BaseDistribution):
-        raise RuntimeError(f"{param_name} is not a level of the current search space")
 
     def _rng(self, *keys: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, *keys])
@@ -194,14 +185,11 @@ class BudgetedSampler(GenerationalSampler):
         super().__init__(offspring=offspring, seed=seed)
         self.base = base
 
-    def before_trial(self, study, trial):
-        super().before_trial(study, trial)
-        self.base.before_trial(study, trial)
-
     def after_trial(self, study, trial, state, values):
         self.base.after_trial(study, trial, state, values)
 
     def propose(self, study, trial, info, search_space):
+        self.base.before_trial(study, trial)
         proposal = self.base.sample_relative(study, trial, search_space)
         for name, dist in search_space.items():
             if name not in proposal:

@@ -1,0 +1,103 @@
+"""Optuna workers: processes that share one study through an RDB storage (PostgreSQL across machines).
+
+The search process plans generations and waits; `serve` (the `tyrsearch worker` command) claims and
+evaluates planned candidates until the search is done. Each worker loads the model and computes the
+dense reference once, and each iteration's supernet once, from the folder the study names (a path that
+every worker can read). `OptunaRunner` spawns N local workers; with 0 it waits for workers started by
+hand, on this machine or others.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import optuna
+import torch
+from tqdm.auto import tqdm
+
+from tyrsearch.errors import UserError
+from tyrsearch.runners.base import Runner
+from tyrsearch.search.driver import Search, SearchResult, join_study
+from tyrsearch.search.job import JOB, Job
+from tyrsearch.search.storage import HEARTBEAT_S, is_sqlite, open_storage
+from tyrsearch.search.worker import DONE, Worker, reference_for
+
+
+class OptunaRunner(Runner):
+    def __init__(self, *, storage_url: str, study_name: str, workers: int, threads: int | None = None,
+                 heartbeat_s: float = HEARTBEAT_S):
+        if is_sqlite(storage_url) and workers != 1:
+            raise UserError("SQLite cannot be shared by parallel workers: pass --storage postgresql://... "
+                            "(or --workers 1)")
+        self.storage_url, self.study_name, self.workers = storage_url, study_name, workers
+        self.threads = threads or max(1, (os.cpu_count() or 1) // max(1, workers))
+        self.heartbeat_s = heartbeat_s
+
+    def run(self, search: Search) -> SearchResult:
+        workers = [self._spawn() for _ in range(self.workers)]
+        try:
+            result = search.run(work=lambda: self._check(workers))
+        except BaseException:
+            for worker in workers:
+                worker.terminate()
+            raise
+        for worker in workers:
+            worker.wait()
+        return result
+
+    def _spawn(self) -> subprocess.Popen:
+        command = [sys.executable, "-m", "tyrsearch.cli", "worker", "--study", self.study_name,
+                   "--threads", str(self.threads), "--heartbeat", str(self.heartbeat_s), "--quiet"]
+        # the URL goes by environment, not argv, so that its password is not on every `ps` listing
+        return subprocess.Popen(command, env={**os.environ, "OPTUNA_STORAGE": self.storage_url},
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)  # errors go to stderr
+
+    @staticmethod
+    def _check(workers: list[subprocess.Popen]) -> bool:
+        """Nothing to evaluate here; only fail when every spawned worker has died (the search would wait
+        forever). One dead worker is survivable: its trials are retried by the others."""
+        codes = [w.poll() for w in workers]
+        if workers and all(code not in (None, 0) for code in codes):
+            raise RuntimeError(f"every worker exited (status {', '.join(map(str, codes))}); see their output above")
+        return False
+
+
+def serve(*, storage_url: str, study_name: str, heartbeat_s: float = HEARTBEAT_S, threads: int | None = None,
+          wait_s: float = 60.0, poll_s: float = 0.5, progress: bool = True) -> dict:
+    """Evaluate the study's planned candidates until its search is done; returns what this worker did.
+    Waits up to `wait_s` for the search to create the study."""
+    if threads:
+        torch.set_num_threads(threads)
+    storage = open_storage(storage_url, heartbeat_s=heartbeat_s)
+    deadline = time.monotonic() + wait_s
+    while True:  # a worker may start before the search has created its study
+        try:
+            study, space = join_study(storage=storage, study_name=study_name)
+            if JOB in study.user_attrs:
+                break
+        except UserError:
+            if time.monotonic() >= deadline:
+                raise
+        if time.monotonic() >= deadline:
+            raise UserError(f"study {study_name!r} has no job to work on: it was not started by `tyrsearch search`")
+        time.sleep(poll_s)
+    job = Job(**study.user_attrs[JOB])
+    model, _, _, fitness = job.load(space)
+    worker = Worker(study=study, model=model, reference=reference_for(model, fitness, space, batch_size=job.batch_size),
+                    space=space, batch_size=job.batch_size)
+    tic, stages = time.perf_counter(), 0
+    with tqdm(desc=f"worker on {study_name}", unit="stage", disable=not progress) as bar:
+        try:
+            while not study.user_attrs.get(DONE):
+                if worker.step():
+                    stages += 1
+                    bar.update()
+                else:
+                    optuna.storages.fail_stale_trials(study)  # another worker died: its trials come back
+                    time.sleep(poll_s)
+        finally:
+            worker.close()
+    return {"study": study_name, "stages_evaluated": stages, "seconds": time.perf_counter() - tic}

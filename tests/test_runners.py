@@ -1,0 +1,225 @@
+"""Runners on the real PostgreSQL: Optuna workers in separate processes share one study, evaluate every
+planned candidate exactly once, find the local runner's winner, and survive SIGKILL of a worker and of
+the search process. Also: storage errors, the dashboard server and the report of a study."""
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from tests.test_cli import run_cli, text_file, tiny_folder  # noqa: F401  (fixtures)
+from tyrsearch.search.samplers import GENERATION, INDEX, ITERATION
+
+PG = os.environ.get("TYRSEARCH_TEST_POSTGRES", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
+
+SPACE = ("family: llama\nunits:\n  q_heads: {min_keep: 0, step: 1}\n  mlp: {min_keep: 8, step: 8}\n"
+         "levels: 2\niterations: 2\ngenerations: 3\noffspring: 4\n"
+         "selection:\n  - {survivors: 4, tokens: 32}\n  - {survivors: 2, tokens: 64}\n  - {survivors: 1, tokens: 96}\n"
+         "fitness: {metric: kl, top_k: 16}\n")
+
+
+@pytest.fixture
+def space(tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_text(SPACE)
+    return path
+
+
+@pytest.fixture
+def study_name():
+    """A fresh study name on the shared PostgreSQL database, deleted afterwards."""
+    name = f"test-{uuid.uuid4().hex[:10]}"
+    yield name
+    with contextlib.suppress(KeyError):
+        optuna.delete_study(study_name=name, storage=PG)
+
+
+def _args(tiny_folder, text_file, space, out, *extra):  # noqa: F811
+    return ["search", "--model", str(tiny_folder), "--space", str(space), "--target", "0.4", "--calib", str(text_file),
+            "--calib-seqs", "4", "--seq-len", "32", "--out", str(out), "--supernet-dir", str(out.parent / "nets"),
+            "--json", *extra]
+
+
+def _spawn(*args: str, log) -> subprocess.Popen:
+    """The CLI in its own process; stdout and stderr to files (a full pipe would stall it)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.Popen([sys.executable, "-m", "tyrsearch.cli", *args], env=env, stdin=subprocess.DEVNULL,
+                            stdout=open(f"{log}.out", "w"), stderr=open(f"{log}.err", "w"))  # noqa: SIM115
+
+
+def _read(logs, name: str) -> str:
+    return Path(f"{logs}-{name}").read_text()
+
+
+def _check_every_place_once(trials):
+    """Each planned (iteration, generation, index) has exactly one trial that counts, finished; no candidate
+    of an iteration was evaluated twice."""
+    counted = [t for t in trials if t.state != TrialState.FAIL]
+    places = [(t.system_attrs[ITERATION], t.system_attrs[GENERATION], t.system_attrs[INDEX]) for t in counted]
+    assert len(places) == len(set(places))
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in counted)
+    for k in {p[0] for p in places}:
+        params = [tuple(sorted(t.params.items())) for t in counted if t.system_attrs[ITERATION] == k]
+        assert len(params) == len(set(params))
+
+
+def test_two_optuna_workers_on_postgres_find_the_local_winner(tiny_folder, text_file, space, study_name,  # noqa: F811
+                                                              tmp_path):
+    local = run_cli(*_args(tiny_folder, text_file, space, tmp_path / "local"))
+    assert local.returncode == 0, local.stderr
+    shared = run_cli(*_args(tiny_folder, text_file, space, tmp_path / "shared", "--runner", "optuna", "--workers", "2",
+                            "--storage", PG, "--study", study_name))
+    assert shared.returncode == 0, shared.stderr
+    ours, theirs = json.loads(local.stdout), json.loads(shared.stdout)
+    assert theirs["layers"] == ours["layers"]
+    assert theirs["fitness"]["value"] == pytest.approx(ours["fitness"]["value"], rel=1e-4)
+    assert theirs["study"]["trials"] == ours["study"]["trials"]  # same plan, nothing evaluated twice
+    assert theirs["study"]["storage"].startswith("postgresql") and theirs["config"]["workers"] == 2
+    study = optuna.load_study(study_name=study_name, storage=PG)
+    _check_every_place_once(study.trials)
+    assert all(t.user_attrs["tokens"] > 0 and "keeps" in t.user_attrs for t in study.trials)
+    report = run_cli("report", "--storage", PG, "--study", study_name, "--out", str(tmp_path / "r.html"))
+    assert report.returncode == 0, report.stderr
+    page = (tmp_path / "r.html").read_text()
+    assert page.count("<svg") == 3 and "still running" not in page and f"{ours['achieved_sparsity']:.4f}" in page
+
+
+def _wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_sigkill_of_a_worker_and_of_the_search_then_resume_loses_nothing(tiny_folder, text_file, space,  # noqa: F811
+                                                                         study_name, tmp_path):
+    reference = run_cli(*_args(tiny_folder, text_file, space, tmp_path / "local"))
+    assert reference.returncode == 0, reference.stderr
+    args = _args(tiny_folder, text_file, space, tmp_path / "run", "--runner", "optuna", "--storage", PG,
+                 "--study", study_name, "--heartbeat", "1")
+    logs = tmp_path / "logs"
+    driver = _spawn(*args, "--workers", "0", log=f"{logs}-driver")
+    worker = _spawn("worker", "--storage", PG, "--study", study_name, "--heartbeat", "1", "--quiet",
+                    log=f"{logs}-worker")
+    storage = optuna.storages.RDBStorage(PG)
+
+    def frozen_mid_search():
+        """Stop the worker; keep it stopped if it holds running trials and others have finished."""
+        if worker.poll() is not None or driver.poll() is not None:
+            raise AssertionError("exited early: " + _read(logs, "worker.err") + _read(logs, "driver.err"))
+        try:
+            study = optuna.load_study(study_name=study_name, storage=storage)
+        except KeyError:
+            return None
+        os.kill(worker.pid, signal.SIGSTOP)
+        trials = study.get_trials(deepcopy=False)
+        running = [t for t in trials if t.state == TrialState.RUNNING]
+        finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+        if running and len(finished) >= 3:
+            return running, finished
+        os.kill(worker.pid, signal.SIGCONT)
+        return None
+
+    running, finished = _wait_for(frozen_mid_search, 120, "a worker holding trials mid-search")
+    for process in (worker, driver):
+        process.kill()  # SIGKILL: no cleanup of any kind
+        process.wait()
+    partial = run_cli("report", "--storage", PG, "--study", study_name, "--out", str(tmp_path / "partial.html"))
+    if partial.returncode == 0:  # the report of a running study: the best so far
+        assert "still running" in (tmp_path / "partial.html").read_text()
+    else:
+        assert "no complete candidate yet" in partial.stderr
+    resumed = _spawn(*args, "--workers", "0", "--resume", log=f"{logs}-resumed")
+    rescuer = _spawn("worker", "--storage", PG, "--study", study_name, "--heartbeat", "1", "--quiet",
+                     log=f"{logs}-rescuer")
+    assert resumed.wait(timeout=300) == 0, _read(logs, "resumed.err")
+    assert rescuer.wait(timeout=60) == 0, _read(logs, "rescuer.err")
+    out = _read(logs, "resumed.out")
+    assert json.loads(out)["layers"] == json.loads(reference.stdout)["layers"]  # the uninterrupted winner
+    study = optuna.load_study(study_name=study_name, storage=PG)
+    by_number = {t.number: t for t in study.trials}
+    assert all(by_number[t.number].state == t.state for t in finished)  # nothing finished was lost
+    for trial in running:  # failed by the heartbeat and retried with the same candidate in the same place
+        assert by_number[trial.number].state == TrialState.FAIL
+        place = (trial.system_attrs[ITERATION], trial.system_attrs[GENERATION], trial.system_attrs[INDEX])
+        retried = [t for t in study.trials if t.system_attrs.get("failed_trial") is not None
+                   and (t.system_attrs[ITERATION], t.system_attrs[GENERATION], t.system_attrs[INDEX]) == place]
+        assert retried and retried[-1].state in (TrialState.COMPLETE, TrialState.PRUNED)
+    _check_every_place_once(study.trials)
+
+
+@pytest.mark.parametrize("url", ["postgresql://postgres:s3cret@127.0.0.1:1/test",
+                                 "postgresql://postgres:s3cret@127.0.0.1:5432/no_such_database"])
+def test_storage_trouble_is_one_line_exit_2_without_the_password(url, tiny_folder, text_file, space,  # noqa: F811
+                                                                 tmp_path):
+    for args in (_args(tiny_folder, text_file, space, tmp_path / "o", "--runner", "optuna", "--storage", url),
+                 ["worker", "--storage", url, "--study", "x"], ["report", "--storage", url, "--study", "x",
+                                                                  "--out", str(tmp_path / "r.html")]):
+        result = run_cli(*args)
+        assert result.returncode == 2, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "cannot open the study storage" in lines[0] and "s3cret" not in lines[0]
+        assert "***" in lines[0]
+    assert not (tmp_path / "o").exists() and not (tmp_path / "r.html").exists()
+
+
+def test_workers_refuse_sqlite_and_unknown_studies(tiny_folder, text_file, space, study_name, tmp_path):  # noqa: F811
+    sqlite = run_cli(*_args(tiny_folder, text_file, space, tmp_path / "o", "--runner", "optuna", "--workers", "2"))
+    assert sqlite.returncode == 2 and "SQLite cannot be shared by parallel workers" in sqlite.stderr
+    missing = run_cli("worker", "--storage", PG, "--study", study_name, "--wait", "0")
+    assert missing.returncode == 2 and f"no study {study_name!r}" in missing.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_dashboard_serves_the_storage_on_localhost(tmp_path):
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    optuna.create_study(study_name="smollm2-135m-t0.3", storage=url).optimize(lambda t: t.suggest_float("x", 0, 1),
+                                                                             n_trials=2)
+    port = _free_port()
+    server = _spawn("dashboard", "--storage", url, "--port", str(port), log=tmp_path / "dashboard")
+    try:
+        def studies():
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=2) as response:
+                    return json.loads(response.read())
+            except OSError:
+                return None
+
+        listed = _wait_for(studies, 60, "the dashboard to answer")
+        assert [s["study_name"] for s in listed["study_summaries"]] == ["smollm2-135m-t0.3"]
+        assert _listening_on(port) == {"127.0.0.1"}  # not reachable from other machines
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def _listening_on(port: int) -> set[str]:
+    """Addresses with a listening TCP socket on `port` (Linux /proc/net/tcp: hex little-endian IPv4)."""
+    found = set()
+    with open("/proc/net/tcp") as table:
+        lines = table.read().splitlines()[1:]
+    for line in lines:
+        local, state = line.split()[1], line.split()[3]
+        address, hex_port = local.split(":")
+        if int(hex_port, 16) == port and state == "0A":  # 0A: LISTEN
+            found.add(socket.inet_ntoa(bytes.fromhex(address)[::-1]))
+    return found
