@@ -66,7 +66,8 @@ def phase(study: optuna.Study) -> dict:
     end = max(t.datetime_complete for t in trials)
     seconds = (end - start).total_seconds()
     done = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
-    return {"phase_s": seconds, "trials": len(done), "trials_per_min": 60 * len(done) / seconds}
+    busy = sum(t.user_attrs.get("seconds", 0.0) for t in trials)  # spent inside candidate evaluation
+    return {"phase_s": seconds, "trials": len(done), "trials_per_min": 60 * len(done) / seconds, "busy_s": busy}
 
 
 def run(label: str, args: list[str], storage: str, study: str) -> dict:
@@ -124,14 +125,19 @@ def fault_test(space: Path, reference: dict) -> dict:
 
 
 def table(results: dict) -> str:
-    lines = ["| runner | workers x threads | trials | candidate phase s | trials / min | whole command s | fitness |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| runner | workers x threads | trials | candidate phase s | trials / min | evaluating s | "
+             "busy fraction | whole command s | fitness |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for row in results["runs"]:
         lines.append(f"| {row['runner']} | {row['workers']} | {row['trials']} | {row['phase_s']:.1f} | "
-                     f"{row['trials_per_min']:.1f} | {row['wall_s']:.0f} | {row['fitness']:.5f} |")
+                     f"{row['trials_per_min']:.1f} | {row['busy_s']:.1f} | {row['utilization']:.2f} | "
+                     f"{row['wall_s']:.0f} | {row['fitness']:.5f} |")
     fault = results["fault"]
     return "\n".join(lines) + (
-        f"\n\nParallel efficiency with 2 optuna workers: {results['parallel_efficiency']:.2f} (goal 0.8); "
+        "\n\nEvaluating s: time spent inside candidate evaluation, summed over workers; busy fraction: that over "
+        "workers x candidate phase (the rest is waiting for the generation's other candidates, polling and "
+        "the database)."
+        f" Parallel efficiency with 2 optuna workers: {results['parallel_efficiency']:.2f} (goal 0.8); "
         f"same winner with every runner: {results['same_winner']}. Fault test (SIGKILL of one of two workers "
         f"and of the search process, then `--resume` and a new worker): {fault['finished_before_kill']} trials "
         f"finished before the kill ({fault['running_at_kill']} running), {fault['finished_after_resume']} after "
@@ -161,7 +167,8 @@ def main() -> None:
             row = run(label, search_args(out, space, "--runner", "optuna", "--storage", PG, "--study", study,
                                          "--heartbeat", "2", *extra), storage, study)
             optuna.delete_study(study_name=study, storage=storage)
-        rows.append({**row, "workers": workers})
+        processes = int(workers.split(" x ")[0])
+        rows.append({**row, "workers": workers, "utilization": row["busy_s"] / (processes * row["phase_s"])})
     one, two = rows[1], rows[2]
     results = {"settings": {"generations": args.generations, "model": "smollm2-135m", "target": 0.3},
                "environment": environment(), "runs": rows,

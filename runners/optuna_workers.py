@@ -66,7 +66,7 @@ class OptunaRunner(Runner):
 
 
 def serve(*, storage_url: str, study_name: str, heartbeat_s: float = HEARTBEAT_S, threads: int | None = None,
-          wait_s: float = 60.0, poll_s: float = 0.5, progress: bool = True) -> dict:
+          wait_s: float = 60.0, poll_s: float = 0.05, progress: bool = True) -> dict:
     """Evaluate the study's planned candidates until its search is done; returns what this worker did.
     Waits up to `wait_s` for the search to create the study."""
     if threads:
@@ -83,7 +83,7 @@ def serve(*, storage_url: str, study_name: str, heartbeat_s: float = HEARTBEAT_S
                 raise
         if time.monotonic() >= deadline:
             raise UserError(f"study {study_name!r} has no job to work on: it was not started by `tyrsearch search`")
-        time.sleep(poll_s)
+        time.sleep(0.5)
     job = Job(**study.user_attrs[JOB])
     model, _, _, fitness = job.load(space)
     worker = Worker(study=study, model=model, reference=reference_for(model, fitness, space, batch_size=job.batch_size),

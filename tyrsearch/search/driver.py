@@ -176,7 +176,7 @@ class Search:
 
     # -- the study ------------------------------------------------------------------------------------
 
-    def run(self, *, work: Callable[[], bool] | None = None, poll_s: float = 0.2) -> SearchResult:
+    def run(self, *, work: Callable[[], bool] | None = None, poll_s: float = 0.05) -> SearchResult:
         """Plan every generation and wait for its candidates to be evaluated. `work` does one piece of
         evaluation and says whether there was any (other processes may do the rest). Without it, an
         in-process Worker evaluates, and this process owns the study: trials left running by a killed
@@ -286,11 +286,13 @@ class Search:
         return len(done) == size
 
     def _describe(self, trial: optuna.trial.FrozenTrial, params: dict[str, int]) -> None:
-        """User attrs the dashboard shows: units kept per layer, parameters, sparsity, FLOPs per token."""
+        """User attrs the dashboard shows: where the trial stands, units kept per layer, parameters, sparsity,
+        FLOPs per token (the worker adds the stage, its tokens and the seconds spent)."""
         shapes = shapes_of(self._supernet, params_to_levels(params, len(self.dense)), self.dense)
         n_params = sum(map(self.dims.params, shapes))
         attention_flops = sum(2 * self.seq_len * s.q_heads * self.dims.head_dim for s in shapes)  # QK^T, AV (causal)
-        attrs = {"keeps": [[s.q_heads, s.kv_heads, s.intermediate] for s in shapes], "params": n_params,
+        attrs = {"iteration": trial.system_attrs[ITERATION], "generation": trial.system_attrs[GENERATION],
+                 "keeps": [[s.q_heads, s.kv_heads, s.intermediate] for s in shapes], "params": n_params,
                  "sparsity": allocation.sparsity_of(shapes, self.dense, self.dims),
                  "flops_per_token": 2 * n_params + attention_flops}
         for key, value in attrs.items():

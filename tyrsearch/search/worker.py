@@ -153,22 +153,22 @@ class Worker:
     def _advance(self, trial_id: int, record: dict) -> bool:
         frozen = self.study._storage.get_trial(trial_id)
         iteration, generation = frozen.system_attrs[ITERATION], frozen.system_attrs[GENERATION]
+        step = max(frozen.intermediate_values, default=-1) + 1  # the next stage to evaluate
+        if step > 0 and not self._stage_done(iteration, generation, step - 1):
+            return False  # the generation's other candidates have not all reported yet
         trial = optuna.Trial(self.study, trial_id)
         levels = {name: trial.suggest_int(name, -record["levels"], record["levels"])
                   for name in sorted(frozen.system_attrs[FIXED])}
-        step = max(frozen.intermediate_values, default=-1) + 1  # the next stage to evaluate
-        if step > 0:
-            if not self._stage_done(iteration, generation, step - 1):
-                return False  # the generation's other candidates have not all reported yet
-            if trial.should_prune():
-                self._finish(trial, state=TrialState.PRUNED)
-                return True
+        if step > 0 and trial.should_prune():
+            self._finish(trial, state=TrialState.PRUNED)
+            return True
         evaluator = self.evaluator(iteration, record)
         self._set_parent(evaluator, iteration, generation)
         tic = time.perf_counter()
         value = evaluator.fitness(params_to_levels(levels, len(evaluator.supernet.grid)), self.stage_sequences[step])
         seconds = frozen.user_attrs.get("seconds", 0.0) + time.perf_counter() - tic
         trial.set_user_attr("seconds", seconds)
+        trial.set_user_attr("stage", step)
         trial.set_user_attr("tokens", self.stage_sequences[step] * self.reference.batches.shape[1])
         trial.report(value, step)
         if step + 1 == len(self.stage_sequences):
