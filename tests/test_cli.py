@@ -163,11 +163,15 @@ TINY_SPACE = ("family: llama\nunits:\n  q_heads: {min_keep: 0, step: 1}\n  mlp: 
               "fitness: {metric: kl, top_k: 16}\n")
 
 
+def space_file(tmp_path, text: str):
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    return path
+
+
 @pytest.fixture
 def tiny_space(tmp_path):
-    path = tmp_path / "tiny.yaml"
-    path.write_text(TINY_SPACE)
-    return path
+    return space_file(tmp_path, TINY_SPACE)
 
 
 def _search_args(tiny_folder, text_file, space, out, *extra):

@@ -18,7 +18,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from tests.test_cli import run_cli, text_file, tiny_folder  # noqa: F401  (fixtures)
+from tests.test_cli import _search_args, run_cli, space_file, text_file, tiny_folder  # noqa: F401  (fixtures)
 from tyrsearch.search.samplers import GENERATION, INDEX, ITERATION
 
 PG = os.environ.get("TYRSEARCH_TEST_POSTGRES", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
@@ -31,9 +31,7 @@ SPACE = ("family: llama\nunits:\n  q_heads: {min_keep: 0, step: 1}\n  mlp: {min_
 
 @pytest.fixture
 def space(tmp_path):
-    path = tmp_path / "space.yaml"
-    path.write_text(SPACE)
-    return path
+    return space_file(tmp_path, SPACE)
 
 
 @pytest.fixture
@@ -46,9 +44,7 @@ def study_name():
 
 
 def _args(tiny_folder, text_file, space, out, *extra):  # noqa: F811
-    return ["search", "--model", str(tiny_folder), "--space", str(space), "--target", "0.4", "--calib", str(text_file),
-            "--calib-seqs", "4", "--seq-len", "32", "--out", str(out), "--supernet-dir", str(out.parent / "nets"),
-            "--json", *extra]
+    return _search_args(tiny_folder, text_file, space, out, "--json", *extra)
 
 
 def _spawn(*args: str, log) -> subprocess.Popen:
