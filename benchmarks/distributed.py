@@ -1,16 +1,18 @@
 """The same search on SmolLM2 run by different runners, side by side, and a fault test.
 
 Runs (one after another, same seed, same cached supernet): the local runner; the `optuna` runner with 1
-and with 2 worker processes on PostgreSQL (each worker 1 torch thread, so 2 workers use the 2 cores).
-For each: wall time of the whole command, the candidate phase (first trial start to last trial end),
-trials per minute in that phase, and the winner. Parallel efficiency = (1-worker phase time) /
-(2 x 2-worker phase time). Then the fault test: a search with --workers 0 and two `tyrsearch worker`
+and with 2 worker processes on PostgreSQL; the `ray` runner (a local Ray cluster it starts, study in
+SQLite) with 1 and 2 Tune trials at once. Each worker has 1 torch thread (Ray: 1 CPU), so 2 workers use
+the 2 cores. For each: wall time of the whole command, the candidate phase (first trial start to last
+trial end), trials per minute in that phase, and the winner. Parallel efficiency = (1-worker phase
+time) / (2 x 2-worker phase time), per runner. Then the fault test: a search with --workers 0 and two `tyrsearch worker`
 processes; once some trials have finished, one worker and the search process are killed with SIGKILL;
 the search is resumed with --resume and a new worker; figures: trials finished before the kill, after
 the resume, finished trials lost (goal 0), trials retried, and whether the winner equals the
 uninterrupted one.
 
-    .venv/bin/python benchmarks/distributed.py          # about 15 minutes on 2 cores
+    .venv/bin/python benchmarks/distributed.py              # about 20 minutes on 2 cores
+    .venv/bin/python benchmarks/distributed.py --only ray   # rerun one runner's rows, keep the rest
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from pathlib import Path
 
 import optuna
 from optuna.trial import TrialState
-from report import ROOT, environment, save
+from report import ROOT, environment, load, save
 
 NAME = "distributed"
 RUNS = ROOT / "runs" / "bench-distributed"
@@ -137,45 +139,58 @@ def table(results: dict) -> str:
         "\n\nEvaluating s: time spent inside candidate evaluation, summed over workers; busy fraction: that over "
         "workers x candidate phase (the rest is waiting for the generation's other candidates, polling and "
         "the database)."
-        f" Parallel efficiency with 2 optuna workers: {results['parallel_efficiency']:.2f} (goal 0.8); "
+        f" Parallel efficiency with 2 workers (goal 0.8): optuna {results['parallel_efficiency']['optuna']:.2f}, "
+        f"ray {results['parallel_efficiency']['ray']:.2f}; "
         f"same winner with every runner: {results['same_winner']}. Fault test (SIGKILL of one of two workers "
         f"and of the search process, then `--resume` and a new worker): {fault['finished_before_kill']} trials "
         f"finished before the kill ({fault['running_at_kill']} running), {fault['finished_after_resume']} after "
         f"the resume, {fault['lost']} lost, {fault['retried']} retried, same winner as uninterrupted: "
         f"{fault['same_winner']}. SmolLM2 at 0.3, 1 iteration of {results['settings']['generations']} "
-        "generations x 8 offspring (selection 8@512 -> 2@1024 -> 1@2048 tokens), PostgreSQL storage.\n")
+        "generations x 8 offspring (selection 8@512 -> 2@1024 -> 1@2048 tokens); the optuna runner's study in "
+        "PostgreSQL, the local and ray runners' in SQLite.\n")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--generations", type=int, default=6)
+    parser.add_argument("--only", choices=("local", "optuna", "ray"), default=None,
+                        help="rerun this runner's rows only, keeping the other rows and the fault test")
     args = parser.parse_args()
+    kept = load(NAME) if args.only else {}
     RUNS.mkdir(parents=True, exist_ok=True)
     space = RUNS / "space.yaml"
     space.write_text(SPACE % {"generations": args.generations})
     rows = []
-    for label, workers, extra in (("local", "1 x 2", []), ("optuna", "1 x 1", ["--workers", "1"]),
-                                  ("optuna", "2 x 1", ["--workers", "2"])):
-        extra = [*extra, "--worker-threads", "1"] if extra else extra
+    for label, processes in (("local", 1), ("optuna", 1), ("optuna", 2), ("ray", 1), ("ray", 2)):
+        if args.only and label != args.only:
+            rows.append(next(r for r in kept["runs"] if r["runner"] == label and
+                             r["workers"] == ("1 x 2" if label == "local" else f"{processes} x 1")))
+            continue
+        workers = "1 x 2" if label == "local" else f"{processes} x 1"
         out = RUNS / f"{label}-{workers.replace(' ', '')}"
         subprocess.run(["rm", "-rf", str(out)], check=True)
-        if label == "local":
-            storage, study = f"sqlite:///{out / 'study.db'}", "bench"
-            row = run(label, search_args(out, space, "--study", study), storage, study)
-        else:
+        extra = ["--runner", label, "--workers", str(processes), "--worker-threads", "1"]
+        if label == "optuna":
             storage, study = PG, f"bench-{uuid.uuid4().hex[:8]}"
-            row = run(label, search_args(out, space, "--runner", "optuna", "--storage", PG, "--study", study,
-                                         "--heartbeat", "2", *extra), storage, study)
+            row = run(label, search_args(out, space, *extra, "--storage", PG, "--study", study, "--heartbeat", "2"),
+                      storage, study)
             optuna.delete_study(study_name=study, storage=storage)
-        processes = int(workers.split(" x ")[0])
+        else:
+            storage, study = f"sqlite:///{out / 'study.db'}", "bench"
+            row = run(label, search_args(out, space, "--study", study, *extra[:2 if label == "local" else None]),
+                      storage, study)
         rows.append({**row, "workers": workers, "utilization": row["busy_s"] / (processes * row["phase_s"])})
-    one, two = rows[1], rows[2]
+    phases = {(r["runner"], r["workers"]): r["phase_s"] for r in rows}
     results = {"settings": {"generations": args.generations, "model": "smollm2-135m", "target": 0.3},
                "environment": environment(), "runs": rows,
-               "parallel_efficiency": one["phase_s"] / (2 * two["phase_s"]),
+               "parallel_efficiency": {name: phases[(name, "1 x 1")] / (2 * phases[(name, "2 x 1")])
+                                       for name in ("optuna", "ray")},
                "same_winner": all(r["layers"] == rows[0]["layers"] for r in rows)}
-    subprocess.run(["rm", "-rf", str(RUNS / "fault")], check=True)
-    results["fault"] = fault_test(space, rows[0])
+    if args.only:
+        results["fault"] = kept["fault"]
+    else:
+        subprocess.run(["rm", "-rf", str(RUNS / "fault")], check=True)
+        results["fault"] = fault_test(space, rows[0])
     print(json.dumps(results["fault"]), flush=True)
     save(NAME, results, table(results))
 

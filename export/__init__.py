@@ -1,1 +1,2 @@
-"""How a pruned model ships (ONNX export, ONNX Runtime check, int8, latency); filled by the export issue."""
+"""How a pruned model ships: ONNX export and its verification in ONNX Runtime (onnx_export.py), the graphs
+traced (graphs.py), and the torch-free runner an edge device carries (runtime.py)."""

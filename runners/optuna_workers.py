@@ -23,7 +23,7 @@ from tyrsearch.runners.base import Runner
 from tyrsearch.search.driver import Search, SearchResult, join_study
 from tyrsearch.search.job import JOB, Job
 from tyrsearch.search.storage import HEARTBEAT_S, is_sqlite, open_storage
-from tyrsearch.search.worker import DONE, Worker, reference_for
+from tyrsearch.search.worker import DONE, Backoff, Worker, reference_for
 
 
 class OptunaRunner(Runner):
@@ -66,7 +66,7 @@ class OptunaRunner(Runner):
 
 
 def serve(*, storage_url: str, study_name: str, heartbeat_s: float = HEARTBEAT_S, threads: int | None = None,
-          wait_s: float = 60.0, poll_s: float = 0.05, progress: bool = True) -> dict:
+          wait_s: float = 60.0, progress: bool = True) -> dict:
     """Evaluate the study's planned candidates until its search is done; returns what this worker did.
     Waits up to `wait_s` for the search to create the study."""
     if threads:
@@ -88,16 +88,17 @@ def serve(*, storage_url: str, study_name: str, heartbeat_s: float = HEARTBEAT_S
     model, _, _, fitness = job.load(space)
     worker = Worker(study=study, model=model, reference=reference_for(model, fitness, space, batch_size=job.batch_size),
                     space=space, batch_size=job.batch_size)
-    tic, stages = time.perf_counter(), 0
+    tic, stages, backoff = time.perf_counter(), 0, Backoff()
     with tqdm(desc=f"worker on {study_name}", unit="stage", disable=not progress) as bar:
         try:
             while not study.user_attrs.get(DONE):
                 if worker.step():
                     stages += 1
                     bar.update()
+                    backoff.reset()
                 else:
                     optuna.storages.fail_stale_trials(study)  # another worker died: its trials come back
-                    time.sleep(poll_s)
+                    backoff.idle()
         finally:
             worker.close()
     return {"study": study_name, "stages_evaluated": stages, "seconds": time.perf_counter() - tic}

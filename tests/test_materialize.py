@@ -60,10 +60,13 @@ print(float((m(tokens).logits - expected).abs().max()))
     assert float(out.stdout.strip().splitlines()[-1]) == 0.0
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
 @pytest.mark.parametrize("name", ["llama", "gemma3"])
-def test_generate_with_cache_matches_full_forward(name, tokens):
-    """KV-cached greedy decoding must equal argmax of full forwards, also with a skipped attention block."""
+def test_generate_with_cache_matches_full_forward(name, attention, tokens):
+    """KV-cached greedy decoding must equal argmax of full forwards, also with a skipped attention block
+    as layer 0 (whose cache counts the positions) and with eager attention's explicit masks."""
     model = FAMILIES[name]()
+    model.set_attn_implementation(attention)
     adapter = adapter_for(model)
     plan = adapter.shapes(model)
     plan[0] = LayerShape(kv_heads=plan[0].kv_heads, q_per_kv=0, intermediate=plan[0].intermediate // 2)  # no attention

@@ -182,11 +182,15 @@ def prune_command(model_ref: str, criterion: str, sparsity: float, allocation: s
 @click.option("--study", "--study-name", "study_name", default=None,
               help="Optuna study name (default: MODEL-tTARGET, e.g. smollm2-135m-t0.3)")
 @click.option("--runner", default="local", show_default=True, type=click.Choice(RUNNER_NAMES),
-              help="local: this process evaluates; optuna: worker processes sharing --storage evaluate")
+              help="local: this process evaluates; optuna: worker processes sharing --storage evaluate; "
+                   "ray: Ray Tune trials on a Ray cluster evaluate")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(min=0),
-              help="optuna runner: worker processes to spawn here (0: only those started with `tyrsearch worker`)")
+              help="optuna: worker processes to spawn here (0: only those started with `tyrsearch worker`); "
+                   "ray: Tune trials at once")
 @click.option("--worker-threads", default=None, type=click.IntRange(min=1),
-              help="optuna runner: torch threads per spawned worker (default: cores / workers)")
+              help="optuna, ray: torch threads (ray: CPUs) per worker (default: cores / workers)")
+@click.option("--address", envvar="RAY_ADDRESS", default=None,
+              help="ray runner: the cluster to use (HOST:PORT, also from $RAY_ADDRESS; default: start a local one)")
 @click.option("--heartbeat", default=10, show_default=True, type=click.IntRange(min=1),
               help="seconds between worker heartbeats; a worker silent 3x as long has its trials retried")
 @click.option("--seed", default=0, show_default=True, type=int)
@@ -199,9 +203,9 @@ def prune_command(model_ref: str, criterion: str, sparsity: float, allocation: s
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object on stdout")
 def search_command(model_ref: str, target: float, out_dir: Path, space_name: str | None, calib_source: str,
                    calib_seqs: int, seq_len: int, criterion: str, strategy: str, start: str, storage: str | None,
-                   study_name: str | None, runner: str, workers: int, worker_threads: int | None, heartbeat: int,
-                   seed: int, resume: bool, supernet_dir: Path | None, no_rebuild: bool, eval_tokens: int,
-                   as_json: bool) -> None:
+                   study_name: str | None, runner: str, workers: int, worker_threads: int | None,
+                   address: str | None, heartbeat: int, seed: int, resume: bool, supernet_dir: Path | None,
+                   no_rebuild: bool, eval_tokens: int, as_json: bool) -> None:
     """Search how much to prune in each layer (coarse-to-fine evolution over a supernet, an Optuna study),
     then save the winner as an HF folder with result.json and report.html."""
     from tyrsearch import allocation as allocations
@@ -210,8 +214,7 @@ def search_command(model_ref: str, target: float, out_dir: Path, space_name: str
     from tyrsearch.materialize import save_pruned
     from tyrsearch.models import adapter_for
     from tyrsearch.pruner import dims_of
-    from tyrsearch.runners.local import LocalRunner
-    from tyrsearch.runners.optuna_workers import OptunaRunner
+    from tyrsearch.runners import make_runner
     from tyrsearch.search.driver import (
         STARTS,
         Search,
@@ -241,8 +244,8 @@ def search_command(model_ref: str, target: float, out_dir: Path, space_name: str
     storage_url = storage or f"sqlite:///{(out_dir / 'study.db').resolve()}"
     study_name = study_name or f"{Path(model_ref).name.removesuffix('.gguf')}-t{target:g}"
     job = Job.of(model=model_ref, calib=calib_source, calib_seqs=calib_seqs, seq_len=seq_len, seed=seed)
-    run = LocalRunner() if runner == "local" else OptunaRunner(
-        storage_url=storage_url, study_name=study_name, workers=workers, threads=worker_threads, heartbeat_s=heartbeat)
+    run = make_runner(runner, storage_url=storage_url, study_name=study_name, workers=workers, threads=worker_threads,
+                      heartbeat_s=heartbeat, address=address)
     assets.read_text(calib_source)  # a missing corpus or an unreachable database fails before the model loads
     store = open_storage(storage_url, heartbeat_s=heartbeat) if storage else None
     model, tokenizer = assets.load_model(model_ref)
@@ -276,6 +279,7 @@ def search_command(model_ref: str, target: float, out_dir: Path, space_name: str
         "fitness": {"metric": space.fitness.metric, "value": found.fitness, "tokens": space.selection[-1].tokens},
         "layers": [s.block_config() for s in shapes],
         "iterations": found.iterations,
+        **({"workers": found.workers} if found.workers else {}),
         "calibration": {"source": calib_source, "sequences": calib_seqs, "seq_len": seq_len, "seed": seed},
         "study": {"storage": redact(storage_url), "name": study_name, "trials": len(study.trials)},
         "config": {"criterion": criterion, "strategy": strategy, "start": start, "space": space.family,
@@ -353,6 +357,121 @@ def report_command(storage: str, study_name: str, out_file: Path) -> None:
     tmp.write_text(page, encoding="utf-8")
     tmp.replace(out_file)
     click.echo(str(out_file))
+
+
+@cli.command("export")
+@click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path),
+              help="a model folder: pruned (per-layer shapes) or dense, of a supported family")
+@click.option("--out", "out_file", required=True, type=click.Path(path_type=Path, dir_okay=False),
+              help="the .onnx file to write; its folder receives the tokenizer, config and runtime.py")
+@click.option("--kv-cache", is_flag=True, help="the decoder graph with past key/values (for generation)")
+@click.option("--int8", is_flag=True, help="also write FILE.int8.onnx, dynamic int8 weights, verified too")
+@click.option("--opset", default=18, show_default=True, type=int, help="ONNX opset (18 to 23)")
+@click.option("--last-only", is_flag=True, help="prefill graph: logits of the last position only")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object on stdout")
+def export_command(model_dir: Path, out_file: Path, kv_cache: bool, int8: bool, opset: int, last_only: bool,
+                   as_json: bool) -> None:
+    """Export a model folder to ONNX and verify it in ONNX Runtime against torch (exit 1 if the
+    verification fails, with its figures)."""
+    from tyrsearch.export.onnx_export import ExportConfig, export
+
+    if not model_dir.is_dir():
+        raise UserError(f"--model {model_dir} not found: give a model folder (from `tyrsearch prune` or `search`)")
+    report = export(model_dir, out_file, ExportConfig(kv_cache=kv_cache, int8=int8, opset=opset, last_only=last_only))
+    _emit(report, as_json)
+    if not report["verified"]:
+        click.echo(f"error: the export of {model_dir} did not verify; figures in {out_file.parent / 'export.json'}",
+                   err=True)
+        sys.exit(1)
+
+
+JOBS_ADDRESS_HELP = ("the Ray cluster's job server, http://HOST:8265 (its dashboard), also from "
+                     "$RAY_API_SERVER_ADDRESS or $RAY_ADDRESS")
+
+
+def _jobs(address: str):
+    from tyrsearch.runners.ray_jobs import Jobs
+
+    return Jobs(address)
+
+
+def _finish_job(status: dict, as_json: bool) -> None:
+    """Print a finished job's status; exit 1 unless it succeeded."""
+    _emit(status, as_json)
+    if status["status"] != "SUCCEEDED":
+        sys.exit(1)
+
+
+@cli.command("submit", context_settings={"ignore_unknown_options": True})
+@click.option("--address", envvar=["RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"], required=True, help=JOBS_ADDRESS_HELP)
+@click.option("--wait", is_flag=True, help="wait for the job to finish; exit 1 unless it succeeds")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object on stdout")
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def submit_command(address: str, wait: bool, as_json: bool, args: tuple[str, ...]) -> None:
+    """Submit a tyrsearch command as a Ray Job and print its id, e.g.
+    `tyrsearch submit --address http://HOST:8265 -- search --model ... --runner ray`."""
+    jobs = _jobs(address)
+    job_id = jobs.submit(list(args))
+    if wait:
+        _finish_job(jobs.wait(job_id), as_json)
+    elif as_json:
+        _emit({"job_id": job_id}, as_json)
+    else:
+        click.echo(job_id)
+
+
+@cli.group("jobs")
+def jobs_group() -> None:
+    """Follow searches submitted with `tyrsearch submit`: status, logs, stop, list."""
+
+
+@jobs_group.command("status")
+@click.argument("job_id")
+@click.option("--address", envvar=["RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"], required=True, help=JOBS_ADDRESS_HELP)
+@click.option("--wait", is_flag=True, help="wait for the job to finish; exit 1 unless it succeeds")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object on stdout")
+def jobs_status_command(job_id: str, address: str, wait: bool, as_json: bool) -> None:
+    """The job's status: PENDING, RUNNING, SUCCEEDED, FAILED or STOPPED."""
+    jobs = _jobs(address)
+    if wait:
+        _finish_job(jobs.wait(job_id), as_json)
+    else:
+        _emit(jobs.status(job_id), as_json)
+
+
+@jobs_group.command("logs")
+@click.argument("job_id")
+@click.option("--address", envvar=["RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"], required=True, help=JOBS_ADDRESS_HELP)
+@click.option("--follow", is_flag=True, help="keep printing until the job ends")
+def jobs_logs_command(job_id: str, address: str, follow: bool) -> None:
+    """The job's output (stdout and stderr)."""
+    jobs = _jobs(address)
+    if follow:
+        for chunk in jobs.follow(job_id):
+            click.echo(chunk, nl=False)
+    else:
+        click.echo(jobs.logs(job_id), nl=False)
+
+
+@jobs_group.command("stop")
+@click.argument("job_id")
+@click.option("--address", envvar=["RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"], required=True, help=JOBS_ADDRESS_HELP)
+def jobs_stop_command(job_id: str, address: str) -> None:
+    """Stop the job (its search can be continued later with `search --resume`)."""
+    stopped = _jobs(address).stop(job_id)
+    click.echo(f"{job_id}: {'stopping' if stopped else 'had already finished'}")
+
+
+@jobs_group.command("list")
+@click.option("--address", envvar=["RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"], required=True, help=JOBS_ADDRESS_HELP)
+@click.option("--json", "as_json", is_flag=True, help="print one JSON list on stdout")
+def jobs_list_command(address: str, as_json: bool) -> None:
+    """Every job the cluster knows, oldest first."""
+    listed = _jobs(address).list()
+    if as_json:
+        click.echo(json.dumps(listed))
+    for job in [] if as_json else listed:
+        click.echo(f"{job['job_id']}  {job['status']:<9}  {job['entrypoint']}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -35,8 +35,9 @@ from transformers import (
 class SkippedAttention(nn.Module):
     """An attention block with no heads left: adds nothing to the residual stream.
 
-    It still appends zero-head keys/values to the cache so that the cache keeps counting the sequence
-    (generation reads positions from the cache of layer 0, which may be a skipped one).
+    It still appends one head of zero keys/values to the cache so that the cache keeps counting the
+    sequence: positions and mask sizes are read from the cache of layer 0, which may be a skipped one,
+    and a cache layer with no elements counts as empty.
     """
 
     def __init__(self, *, layer_idx: int, head_dim: int):
@@ -48,8 +49,8 @@ class SkippedAttention(nn.Module):
         cache = cache if cache is not None else past_key_values
         if cache is not None:
             batch, seq, _ = hidden_states.shape
-            empty = hidden_states.new_zeros(batch, 0, seq, self.head_dim)  # [batch, kv_heads=0, seq, head_dim]
-            cache.update(empty, empty, self.layer_idx)
+            zeros = hidden_states.new_zeros(batch, 1, seq, self.head_dim)  # [batch, kv_heads=1, seq, head_dim]
+            cache.update(zeros, zeros, self.layer_idx)
         return torch.zeros_like(hidden_states), None
 
 

@@ -47,7 +47,16 @@ from tyrsearch.search.samplers import (
 )
 from tyrsearch.search.selection import SelectionPruner
 from tyrsearch.search.storage import load_study
-from tyrsearch.search.worker import DONE, FIXED, Worker, generation_trials, params_to_levels, reference_for, retry
+from tyrsearch.search.worker import (
+    DONE,
+    FIXED,
+    Backoff,
+    Worker,
+    generation_trials,
+    params_to_levels,
+    reference_for,
+    retry,
+)
 from tyrsearch.space import SearchSpace, parse_space
 from tyrsearch.supernet import Supernet, build_supernet, fingerprint
 
@@ -73,6 +82,7 @@ class SearchResult:
     fitness: float
     iterations: list[dict] = field(default_factory=list)
     times_s: dict[str, float] = field(default_factory=dict)
+    workers: dict[str, dict] = field(default_factory=dict)  # per evaluating process, where the runner knows
 
 
 def levels_to_params(levels: Levels) -> dict[str, int]:
@@ -176,7 +186,7 @@ class Search:
 
     # -- the study ------------------------------------------------------------------------------------
 
-    def run(self, *, work: Callable[[], bool] | None = None, poll_s: float = 0.05) -> SearchResult:
+    def run(self, *, work: Callable[[], bool] | None = None) -> SearchResult:
         """Plan every generation and wait for its candidates to be evaluated. `work` does one piece of
         evaluation and says whether there was any (other processes may do the rest). Without it, an
         in-process Worker evaluates, and this process owns the study: trials left running by a killed
@@ -185,8 +195,7 @@ class Search:
         self.study.set_user_attr(DONE, False)
         local = None
         if work is None:
-            for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-                retry(self.study, trial)
+            self.retry_running()
             local = Worker(study=self.study, model=self.model, reference=self.reference, space=self.space,
                            batch_size=self.config.batch_size)
             work = local.step
@@ -198,7 +207,7 @@ class Search:
                 supernet, folder = self.supernet(centre, space), str(self.supernet_folder(centre, space))
                 self._supernet = supernet
                 if local is not None:
-                    local.supernets[folder] = supernet
+                    local.evaluation.supernets[folder] = supernet
                 record = self.study.user_attrs.get(f"iteration{k}")
                 if record is None:
                     zero = [{unit: 0 for unit in units} for units in supernet.grid]
@@ -211,7 +220,7 @@ class Search:
                                     "new study")
                 self.study.set_user_attr(f"iteration{k}", {**record, "supernet": folder})  # workers load it there
                 self.study.set_user_attr(ITERATION, k)
-                winner = self._iterate(k, work, poll_s)
+                winner = self._iterate(k, work)
                 levels = params_to_levels(winner.params, len(self.dense))
                 trials = iteration_trials(self.study, k)
                 summary.append({"iteration": k, "steps": record["steps"], "start_fitness": self._start_fitness(k),
@@ -225,6 +234,12 @@ class Search:
         self.times["search"] = time.perf_counter() - tic - self.times["supernet"] - self.times["sensitivity"]
         return SearchResult(levels=params_to_levels(winner.params, len(self.dense)), supernet=supernet,
                             fitness=winner.value, iterations=summary, times_s=dict(self.times))
+
+    def retry_running(self) -> None:
+        """Queue again the candidates of trials left RUNNING (by a killed earlier run whose workers were
+        this process's: nobody else will finish them)."""
+        for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            retry(self.study, trial)
 
     def _costs(self, supernet: Supernet) -> dict[str, list[int]]:
         """Parameters of each searched block at each level: what the sampler keeps constant."""
@@ -244,7 +259,7 @@ class Search:
         trials = [t for t in iteration_trials(self.study, k) if t.system_attrs.get(GENERATION) == 0]
         return trials[0].value if trials else float("nan")
 
-    def _iterate(self, k: int, work: Callable[[], bool], poll_s: float) -> optuna.trial.FrozenTrial:
+    def _iterate(self, k: int, work: Callable[[], bool]) -> optuna.trial.FrozenTrial:
         bar = tqdm(range(self.space.generations + 1), desc=f"iteration {k + 1}/{self.space.iterations}",
                    disable=not self.progress, unit="gen")
         for generation in bar:
@@ -253,10 +268,13 @@ class Search:
                 tqdm.write(f"iteration {k + 1}: every candidate around the parent was tried; moving on",
                            file=sys.stderr)
                 break
+            backoff = Backoff()
             while not self._finished(k, generation, size):
-                if not work():
+                if work():
+                    backoff.reset()
+                else:
                     optuna.storages.fail_stale_trials(self.study)  # a dead worker's trials are queued again
-                    time.sleep(poll_s)
+                    backoff.idle()
             best = best_trial(iteration_trials(self.study, k))
             bar.set_postfix(fitness=f"{best.value:.4f}", trials=len(self.study.trials))
         return best_trial(iteration_trials(self.study, k))

@@ -12,8 +12,11 @@ worker claims, so no candidate is lost.
 from __future__ import annotations
 
 import math
+import os
+import socket
 import threading
 import time
+from dataclasses import dataclass
 
 import optuna
 import torch
@@ -31,6 +34,11 @@ from tyrsearch.supernet import Supernet
 
 FIXED = "fixed_params"  # where Optuna keeps an enqueued trial's params (Study.enqueue_trial)
 DONE = "tyr:done"  # study user attr: the search has finished; workers leave
+
+
+def worker_name() -> str:
+    """host:pid, how a trial names the process that evaluated it."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def params_to_levels(params: dict[str, int], layers: int) -> Levels:
@@ -81,6 +89,21 @@ def retry(study: optuna.Study, trial: FrozenTrial) -> None:
     RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True)(study, study._storage.get_trial(trial._trial_id))
 
 
+class Backoff:
+    """Sleeps between polls that found nothing to do, from `first` seconds doubling up to `most`; work
+    resets it. Polling the study flat out would take a good share of a core from the workers computing."""
+
+    def __init__(self, *, first: float = 0.02, most: float = 0.25):
+        self.first, self.most, self.delay = first, most, first
+
+    def idle(self) -> None:
+        time.sleep(self.delay)
+        self.delay = min(self.most, 2 * self.delay)
+
+    def reset(self) -> None:
+        self.delay = self.first
+
+
 class Heartbeat:
     """Records the heartbeat of every trial a worker holds, every `interval` seconds, in one thread."""
 
@@ -104,96 +127,174 @@ class Heartbeat:
         self._thread.join()
 
 
-class Worker:
-    """One evaluating worker: claims planned trials of the study's current iteration and takes each
-    through the selection stages. `step()` does one piece of work; the caller loops."""
+@dataclass(frozen=True)
+class Task:
+    """One selection stage of one planned candidate, ready to evaluate anywhere (plain data: a Ray task
+    carries it to another process)."""
+    trial_id: int
+    iteration: int
+    generation: int
+    stage: int
+    sequences: int  # fitness sequences of this stage
+    params: dict[str, int]  # the candidate's levels by param name
+    parent: dict[str, int] | None  # the generation's parent (None in generation 0): its hidden states are reused
+    supernet: str  # folder of the iteration's supernet
 
-    def __init__(self, *, study: optuna.Study, model: nn.Module, reference: Reference, space: SearchSpace,
-                 batch_size: int = 4):
-        self.study, self.model, self.reference, self.space, self.batch_size = study, model, reference, space, batch_size
-        seq_len = reference.batches.shape[1]
+
+class Dispatcher:
+    """The study side of evaluation: claims planned trials, holds them through the selection stages,
+    prunes them (SelectionPruner) or hands out their next stage once their generation has reported the
+    last one, and records results. It never evaluates; `next()` gives a Task, `record()` takes its value."""
+
+    def __init__(self, *, study: optuna.Study, space: SearchSpace, seq_len: int):
+        self.study = study
         self.stage_sequences = [math.ceil(stage.tokens / seq_len) for stage in space.selection]
         self.survivors = [stage.survivors for stage in space.selection]
-        self.held: set[int] = set()  # trial ids this worker has claimed and not finished
-        self.supernets: dict[str, Supernet] = {}  # by folder: loaded once per worker
-        self._evaluator: tuple[int, CandidateEvaluator] | None = None  # (iteration, evaluator)
-        self._parent: tuple[int, int] | None = None  # (iteration, generation) the parent cache is for
+        self.tokens_per_sequence = seq_len
+        self.held: set[int] = set()  # trial ids claimed here and not finished
+        self.in_flight: set[int] = set()  # held trials whose Task is out being evaluated
+        self._parents: dict[tuple[int, int], dict[str, int] | None] = {}
         interval = getattr(study._storage, "get_heartbeat_interval", lambda: None)()
         self.heartbeat = Heartbeat(study._storage, interval) if interval else None
 
-    def step(self) -> bool:
-        """Claim and start a candidate, or take a held one a stage further. False: nothing to do now."""
+    def next(self) -> Task | None:
+        """A claimed candidate's first stage, or a held one's next stage (pruning those that selection
+        drops on the way). None: nothing to evaluate now."""
         iteration = self.study.user_attrs.get(ITERATION)
         record = self.study.user_attrs.get(f"iteration{iteration}")
         if record is None or "supernet" not in record:
-            return False
-        trial = claim(self.study, iteration)
+            return None
+        trial = claim(self.study, iteration)  # new candidates first: a held one waits for them anyway
         if trial is not None:
             self.held.add(trial._trial_id)
             if self.heartbeat:
                 self.heartbeat.add(trial._trial_id)
-            return self._advance(trial._trial_id, record)
-        return any(self._advance(trial_id, record) for trial_id in sorted(self.held))
+            return self._task(trial._trial_id, record)
+        for trial_id in sorted(self.held - self.in_flight):
+            task = self._task(trial_id, record)
+            if task is not None:
+                return task
+        return None
+
+    def record(self, task: Task, value: float, seconds: float, *, worker: str) -> None:
+        """Report the task's fitness at its stage (evaluated by `worker`, host:pid); the last stage
+        completes the trial."""
+        self.in_flight.discard(task.trial_id)
+        trial = optuna.Trial(self.study, task.trial_id)
+        spent = self.study._storage.get_trial(task.trial_id).user_attrs.get("seconds", 0.0)
+        trial.set_user_attr("seconds", spent + seconds)
+        trial.set_user_attr("worker", worker)
+        trial.set_user_attr("stage", task.stage)
+        trial.set_user_attr("tokens", task.sequences * self.tokens_per_sequence)
+        trial.report(value, task.stage)
+        if task.stage + 1 == len(self.stage_sequences):
+            self._finish(trial, values=value)
+
+    def abandon(self, task: Task) -> None:
+        """The task's evaluation failed: fail the trial and queue the candidate again (stages kept)."""
+        self.in_flight.discard(task.trial_id)
+        self._release(task.trial_id)
+        retry(self.study, self.study._storage.get_trial(task.trial_id))
 
     def close(self) -> None:
         if self.heartbeat:
             self.heartbeat.close()
 
-    def evaluator(self, iteration: int, record: dict) -> CandidateEvaluator:
-        if self._evaluator is None or self._evaluator[0] != iteration:
-            folder = record["supernet"]
+    def _task(self, trial_id: int, record: dict) -> Task | None:
+        frozen = self.study._storage.get_trial(trial_id)
+        iteration, generation = frozen.system_attrs[ITERATION], frozen.system_attrs[GENERATION]
+        stage = max(frozen.intermediate_values, default=-1) + 1  # the next stage to evaluate
+        if stage > 0 and not self._stage_done(iteration, generation, stage - 1):
+            return None  # the generation's other candidates have not all reported yet
+        trial = optuna.Trial(self.study, trial_id)
+        params = {name: trial.suggest_int(name, -record["levels"], record["levels"])
+                  for name in sorted(frozen.system_attrs[FIXED])}
+        if stage > 0 and trial.should_prune():
+            self._finish(trial, state=TrialState.PRUNED)
+            return None
+        self.in_flight.add(trial_id)
+        return Task(trial_id=trial_id, iteration=iteration, generation=generation, stage=stage,
+                    sequences=self.stage_sequences[stage], params=params,
+                    parent=self._parent(iteration, generation), supernet=record["supernet"])
+
+    def _finish(self, trial: optuna.Trial, **outcome) -> None:
+        self.study.tell(trial, **outcome)
+        self._release(trial._trial_id)
+
+    def _release(self, trial_id: int) -> None:
+        self.held.discard(trial_id)
+        if self.heartbeat:
+            self.heartbeat.ids.discard(trial_id)
+
+    def _stage_done(self, iteration: int, generation: int, stage: int) -> bool:
+        """Has every candidate of the generation that selection lets reach `stage` reported it?"""
+        peers = generation_trials(self.study, iteration, generation)
+        size = len({t.system_attrs[INDEX] for t in peers})
+        expected = size if stage == 0 else min(size, self.survivors[stage])
+        return sum(stage in t.intermediate_values for t in peers) >= expected
+
+    def _parent(self, iteration: int, generation: int) -> dict[str, int] | None:
+        """The generation's parent: the best trial of the iteration's earlier generations (fixed once the
+        generation is planned, so computed once)."""
+        if generation == 0:
+            return None
+        if (iteration, generation) not in self._parents:
+            parent = best_trial([t for t in iteration_trials(self.study, iteration)
+                                 if t.system_attrs[GENERATION] < generation])
+            self._parents = {(iteration, generation): parent.params}
+        return self._parents[(iteration, generation)]
+
+
+class Evaluation:
+    """The model side of evaluation: the dense model and reference, each iteration's supernet loaded once
+    (by folder), and the parent's hidden states cached once per generation."""
+
+    def __init__(self, *, model: nn.Module, reference: Reference, space: SearchSpace, batch_size: int = 4):
+        self.model, self.reference, self.space, self.batch_size = model, reference, space, batch_size
+        self.supernets: dict[str, Supernet] = {}  # by folder
+        self.loads = 0  # supernets loaded from disk here
+        self._evaluator: tuple[str, CandidateEvaluator] | None = None  # (supernet folder, evaluator)
+        self._parent: tuple[int, int] | None = None  # (iteration, generation) the parent cache is for
+
+    @torch.inference_mode()
+    def __call__(self, task: Task) -> float:
+        evaluator = self.evaluator(task.supernet)
+        layers = len(evaluator.supernet.grid)
+        if task.parent is not None and self._parent != (task.iteration, task.generation):
+            evaluator.set_parent(params_to_levels(task.parent, layers))
+            self._parent = (task.iteration, task.generation)
+        return evaluator.fitness(params_to_levels(task.params, layers), task.sequences)
+
+    def evaluator(self, folder: str) -> CandidateEvaluator:
+        if self._evaluator is None or self._evaluator[0] != folder:
             if folder not in self.supernets:
                 self.supernets[folder] = Supernet.load(folder)
-            self._evaluator = (iteration, CandidateEvaluator(
+                self.loads += 1
+            self._evaluator = (folder, CandidateEvaluator(
                 model=self.model, supernet=self.supernets[folder], reference=self.reference,
                 metric=self.space.fitness.metric, batch_size=self.batch_size))
             self._parent = None
         return self._evaluator[1]
 
-    def _advance(self, trial_id: int, record: dict) -> bool:
-        frozen = self.study._storage.get_trial(trial_id)
-        iteration, generation = frozen.system_attrs[ITERATION], frozen.system_attrs[GENERATION]
-        step = max(frozen.intermediate_values, default=-1) + 1  # the next stage to evaluate
-        if step > 0 and not self._stage_done(iteration, generation, step - 1):
-            return False  # the generation's other candidates have not all reported yet
-        trial = optuna.Trial(self.study, trial_id)
-        levels = {name: trial.suggest_int(name, -record["levels"], record["levels"])
-                  for name in sorted(frozen.system_attrs[FIXED])}
-        if step > 0 and trial.should_prune():
-            self._finish(trial, state=TrialState.PRUNED)
-            return True
-        evaluator = self.evaluator(iteration, record)
-        self._set_parent(evaluator, iteration, generation)
+
+class Worker:
+    """One evaluating worker in one process: a Dispatcher and an Evaluation. `step()` does one piece of
+    work; the caller loops."""
+
+    def __init__(self, *, study: optuna.Study, model: nn.Module, reference: Reference, space: SearchSpace,
+                 batch_size: int = 4):
+        self.dispatcher = Dispatcher(study=study, space=space, seq_len=reference.batches.shape[1])
+        self.evaluation = Evaluation(model=model, reference=reference, space=space, batch_size=batch_size)
+
+    def step(self) -> bool:
+        """Evaluate one stage of one candidate. False: nothing to do now."""
+        task = self.dispatcher.next()
+        if task is None:
+            return False
         tic = time.perf_counter()
-        value = evaluator.fitness(params_to_levels(levels, len(evaluator.supernet.grid)), self.stage_sequences[step])
-        seconds = frozen.user_attrs.get("seconds", 0.0) + time.perf_counter() - tic
-        trial.set_user_attr("seconds", seconds)
-        trial.set_user_attr("stage", step)
-        trial.set_user_attr("tokens", self.stage_sequences[step] * self.reference.batches.shape[1])
-        trial.report(value, step)
-        if step + 1 == len(self.stage_sequences):
-            self._finish(trial, values=value)
+        value = self.evaluation(task)
+        self.dispatcher.record(task, value, time.perf_counter() - tic, worker=worker_name())
         return True
 
-    def _finish(self, trial: optuna.Trial, **outcome) -> None:
-        self.study.tell(trial, **outcome)
-        self.held.discard(trial._trial_id)
-        if self.heartbeat:
-            self.heartbeat.ids.discard(trial._trial_id)
-
-    def _stage_done(self, iteration: int, generation: int, step: int) -> bool:
-        """Has every candidate of the generation that selection lets reach `step` reported it?"""
-        peers = generation_trials(self.study, iteration, generation)
-        size = len({t.system_attrs[INDEX] for t in peers})
-        expected = size if step == 0 else min(size, self.survivors[step])
-        return sum(step in t.intermediate_values for t in peers) >= expected
-
-    @torch.inference_mode()
-    def _set_parent(self, evaluator: CandidateEvaluator, iteration: int, generation: int) -> None:
-        """Cache the hidden states of the generation's parent (the best earlier trial), once per generation."""
-        if generation == 0 or self._parent == (iteration, generation):
-            return
-        parent = best_trial([t for t in iteration_trials(self.study, iteration)
-                             if t.system_attrs[GENERATION] < generation])
-        evaluator.set_parent(params_to_levels(parent.params, len(evaluator.supernet.grid)))
-        self._parent = (iteration, generation)
+    def close(self) -> None:
+        self.dispatcher.close()
