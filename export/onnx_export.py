@@ -27,6 +27,7 @@ import onnx
 import onnxruntime as ort
 import torch
 from onnxruntime.quantization import QuantType, quantize_dynamic
+from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from tyrsearch import assets, data
@@ -48,12 +49,14 @@ SHAPES = ((1, 7), (3, 33))  # (batch, seq) of the parity inputs: unlike the trac
 # figures are reported and it fails only when broken: non-finite logits, or held-out perplexity over 3x fp32's
 TOLERANCE = {"fp32": {"max_abs": 1e-2, "argmax": 0.99}, "int8": {"max_abs": float("inf"), "argmax": 0.0}}
 INT8_MAX_PPL_RATIO = 3.0
+INT8_METHODS = ("dynamic", "weights")
 
 
 @dataclass(frozen=True)
 class ExportConfig:
     kv_cache: bool = False  # the decoder graph (past key/values in, present out) instead of the prefill graph
     int8: bool = False  # also write model.int8.onnx and verify it
+    int8_method: str = "dynamic"  # dynamic: int8 weights and activations; weights: 8-bit weight-only blocks
     opset: int = 18
     last_only: bool = False  # prefill graph: logits of the last position only
     generate_tokens: int = 32  # greedy tokens compared with torch (kv_cache)
@@ -71,6 +74,8 @@ def load_for_export(folder: Path) -> tuple[PreTrainedModel, object]:
 
 def export(model_dir: Path, out_file: Path, config: ExportConfig) -> dict:
     """Export, write the folder around `out_file`, verify; returns the figures (also in export.json)."""
+    if config.int8_method not in INT8_METHODS:
+        raise UserError(f"--int8-method {config.int8_method!r} is unknown: choose {' or '.join(INT8_METHODS)}")
     if not MIN_OPSET <= config.opset <= MAX_OPSET:
         raise UserError(f"--opset {config.opset} is not supported: choose {MIN_OPSET} to {MAX_OPSET}")
     if out_file.suffix != ".onnx":
@@ -94,7 +99,7 @@ def export(model_dir: Path, out_file: Path, config: ExportConfig) -> dict:
                   "verification": verify(model, tmp / out_file.name, config, precision="fp32")}
         if config.int8:
             int8_file = tmp / f"{out_file.stem}.int8.onnx"
-            quantize_dynamic(tmp / out_file.name, int8_file, weight_type=QuantType.QInt8)
+            quantize_int8(tmp / out_file.name, int8_file, method=config.int8_method)
             files.append(int8_file.name)
             report["int8_verification"] = verify(model, int8_file, config, precision="int8")
             held_out = held_out_change(tmp / out_file.name, int8_file, tokenizer, tokens=config.ppl_tokens)
@@ -107,6 +112,18 @@ def export(model_dir: Path, out_file: Path, config: ExportConfig) -> dict:
             path.replace(folder / path.name)
     report["folder"] = str(folder)
     return report
+
+
+def quantize_int8(source: Path, target: Path, *, method: str) -> None:
+    """dynamic: MatMuls on int8 weights and per-tensor int8 activations (fast, lossy); weights: MatMulNBits
+    with 8-bit weights in blocks of 32 and fp32 activations (near lossless, less speed)."""
+    if method == "dynamic":
+        quantize_dynamic(source, target, weight_type=QuantType.QInt8)
+        return
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(source)), bits=8, block_size=32, is_symmetric=True,
+                                     accuracy_level=4)
+    quantizer.process()
+    quantizer.model.save_model_to_file(str(target), use_external_data_format=False)
 
 
 def write_graph(model: PreTrainedModel, path: Path, config: ExportConfig) -> list[str]:

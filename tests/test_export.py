@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -92,6 +93,15 @@ def test_kv_cache_export_generates_torchs_tokens_with_per_layer_heads(llama_shap
     assert heads == [1, 2, 1]  # layer 0 has no attention (one head of zeros); the last keeps one KV group
 
 
+def test_weight_only_int8_keeps_the_perplexity(llama_shaped, tmp_path):
+    report = _export(llama_shaped, tmp_path / "w" / "model.onnx", "--int8", "--int8-method", "weights")
+    int8 = report["int8_verification"]
+    assert report["verified"] and int8["argmax_agreement"] >= 0.9
+    assert abs(int8["held_out"]["ppl_ratio"] - 1) < 0.02
+    types = {n.op_type for n in onnx.load(str(tmp_path / "w" / "model.int8.onnx")).graph.node}
+    assert "MatMulNBits" in types
+
+
 def test_gemma3_kv_cache_export_generates_torchs_tokens(tokenizer, tmp_path_factory, tmp_path):
     report = _export(_folder(tmp_path_factory, tokenizer, "gemma3", shaped=True), tmp_path / "g" / "model.onnx",
                      "--kv-cache")
@@ -126,6 +136,7 @@ def test_runtime_runner_needs_no_torch_and_generates_torchs_tokens(llama_shaped,
     (["--model", "no/such/folder"], "--model no/such/folder not found"),
     (["--opset", "9"], "--opset 9 is not supported: choose 18 to 23"),
     (["--out", "x.txt"], "must name a .onnx file"),
+    (["--int8-method", "int4"], "--int8-method 'int4' is unknown: choose dynamic or weights"),
 ])
 def test_bad_export_input_is_one_line_exit_2(args, message, llama_shaped, tmp_path):
     base = {"--model": str(llama_shaped), "--out": str(tmp_path / "m.onnx")}
