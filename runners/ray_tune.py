@@ -53,10 +53,10 @@ class StudySearch(OptunaSearch):
     """OptunaSearch over an existing study whose trials the search plans: a suggestion is the next ready
     Task (claimed from the study, not asked of the sampler), a result is reported to its Optuna trial."""
 
-    def __init__(self, *, study: optuna.Study, dispatcher: Dispatcher, config: dict, finished: threading.Event):
+    def __init__(self, *, study: optuna.Study, dispatcher: Dispatcher, finished: threading.Event):
         super().__init__(metric=METRIC, mode="min", sampler=study.sampler, storage=study._storage,
                          study_name=study.study_name)
-        self._ot_study, self.dispatcher, self.config, self.finished = study, dispatcher, config, finished
+        self._ot_study, self.dispatcher, self.finished = study, dispatcher, finished
         self.tasks: dict[str, Task] = {}  # Tune trial id -> the stage it evaluates
         self.workers: dict[str, dict] = {}  # per Ray worker: stages evaluated, supernets loaded
         self.error: str | None = None
@@ -75,7 +75,7 @@ class StudySearch(OptunaSearch):
         if task is None:
             return None  # Tune asks again shortly
         self.tasks[trial_id] = task
-        return {**self.config, "task": asdict(task)}
+        return {"task": asdict(task)}
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         pass  # one result per trial: recorded on completion
@@ -165,7 +165,7 @@ class RayRunner(Runner):
         evaluators = Queue()
         for evaluator in pool:
             evaluators.put(evaluator)
-        searcher = StudySearch(study=study, dispatcher=dispatcher, config={}, finished=finished)
+        searcher = StudySearch(study=study, dispatcher=dispatcher, finished=finished)
         planner = threading.Thread(target=plan, name="tyrsearch-plan", daemon=True)
         planner.start()
         try:
