@@ -58,10 +58,6 @@ def winner_folder(target: str, layers: list[dict]) -> Path:
     return folder
 
 
-def dense_folder() -> Path:
-    return assets.resolve_model("smollm2-135m")
-
-
 def export(folder: Path, out: Path, *flags: str) -> dict:
     if (out.parent / "export.json").is_file():
         return json.loads((out.parent / "export.json").read_text())
@@ -178,8 +174,8 @@ def main() -> None:
     args = parser.parse_args()
     RUNS.mkdir(parents=True, exist_ok=True)
     searched = load("search")["targets"]
-    models = [("dense", dense_folder())] + [(f"searched {t}", winner_folder(t, searched[t]["search"]["layers"]))
-                                            for t in ("0.3", "0.5")]
+    models = [("dense", assets.resolve_model("smollm2-135m")),
+              *((f"searched {t}", winner_folder(t, searched[t]["search"]["layers"])) for t in ("0.3", "0.5"))]
     rows = [measure(label.replace(" ", "-"), folder, args.repeats) for label, folder in models]
     for row, (label, _) in zip(rows, models, strict=True):
         row["label"] = label
