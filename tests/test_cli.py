@@ -184,7 +184,7 @@ def _search_args(tiny_folder, text_file, space, out, *extra):
     (["--target", "1.2"], "--target must be in [0, 1)"),
     (["--strategy", "hillclimb"], "unknown strategy 'hillclimb'"),
     (["--start", "middle"], "unknown start 'middle'"),
-    (["--target", "0.95"], "cannot be reached: the space's min_keep allows at most"),
+    (["--target", "0.95"], "cannot be reached: the space's min_keep allows removing at most"),
     (["--resume"], "does not exist; run the search without --resume first"),
 ])
 def test_bad_search_input_is_one_line_exit_2_and_writes_nothing(override, message, tiny_folder, text_file, tiny_space,

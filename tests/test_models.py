@@ -73,7 +73,7 @@ def test_top_per_block_keeps_the_same_count_in_every_block():
     assert top_per_block(scores, blocks=1, keep=2).tolist() == [1, 3]
 
 
-@pytest.mark.parametrize("criterion", sorted(CRITERIA))
+@pytest.mark.parametrize("criterion", sorted(set(CRITERIA) - {"stun"}))  # stun: MoE experts only (test_moe_search)
 def test_every_criterion_gives_a_valid_smaller_model(criterion, family, tokens):
     name, factory = family
     model = factory()

@@ -38,7 +38,7 @@ def test_a_yaml_file_path_works(tmp_path):
     (lambda r: r.update(colour="red"), "unknown key 'colour'"),
     (lambda r: r["units"]["mlp"].update(step=-64), "units.mlp.step must be an integer >= 1"),
     (lambda r: r["units"]["mlp"].update(stride=3), "unknown key 'stride' in units.mlp"),
-    (lambda r: r["units"].update(experts={"step": 1}), "unknown unit type 'experts'"),
+    (lambda r: r["units"].update(neurons={"step": 1}), "unknown unit type 'neurons'"),
     (lambda r: r["units"].update(kv_groups={"step": 1}), "choose one attention unit type"),
     (lambda r: r.pop("levels"), "missing key 'levels'"),
     (lambda r: r["selection"].append({"survivors": 4, "tokens": 16}), "each selection stage must keep fewer"),

@@ -1,7 +1,8 @@
 """One-shot allocations: how many units each layer keeps for a global sparsity target.
 
 Sparsity is the fraction of the decoder layers' prunable parameters removed (q/k/v/o and
-gate/up/down weights; embeddings, lm_head and norms excluded). These are the baselines that the
+gate/up/down weights, in MoE layers those of every routed expert and its router row; embeddings,
+lm_head and norms excluded). These are the baselines that the
 global search has to beat.
 
 Attention is pruned at its own rate (`attention_sparsity`, rounded to whole heads and groups, 0 by
@@ -34,6 +35,10 @@ class Dims:
         return self.hidden * self.head_dim * (2 * shape.q_heads + 2 * shape.kv_heads) if shape.q_heads else 0
 
     def mlp_params(self, shape: LayerShape) -> int:
+        # gate, up and down: hidden x intermediate each, in every routed expert of an MoE layer, which
+        # also has a router row per expert (a shared expert is never pruned: not counted, like norms)
+        if shape.experts:
+            return shape.experts * (3 * self.hidden * shape.intermediate + self.hidden)
         return 3 * self.hidden * shape.intermediate
 
     def params(self, shape: LayerShape) -> int:
@@ -85,6 +90,17 @@ def uniform(dense: list[LayerShape], *, sparsity: float, attention_sparsity: flo
     """The same sparsity in every layer."""
     check_sparsity(sparsity)
     return layer_plan(dense, [sparsity] * len(dense), attention_sparsity=attention_sparsity, dims=dims)
+
+
+def uniform_experts(dense: list[LayerShape], *, sparsity: float, dims: Dims) -> list[LayerShape]:
+    """The same share of routed experts removed in every MoE layer (attention dense), so that `sparsity`
+    of the decoder's parameters go; dense MLP layers stay."""
+    check_sparsity(sparsity)
+    experts = sum(dims.mlp_params(s) for s in dense if s.experts)
+    share = sparsity * sum(map(dims.params, dense)) / experts if experts else 1.0  # of the experts' parameters
+    if share >= 1:
+        raise UserError(f"sparsity {sparsity} would remove every routed expert; lower it")
+    return [s.with_units("experts", max(1, round(s.experts * (1 - share)))) if s.experts else s for s in dense]
 
 
 def outlier_ratio(weights_and_norms: list[tuple[torch.Tensor, torch.Tensor]], *, m: float = 5.0) -> float:

@@ -157,10 +157,22 @@ def prune_command(model_ref: str, criterion: str, sparsity: float, allocation: s
     _emit(result, as_json)
 
 
+LATENCY_SEQ_HELP = "prefill tokens of the latency workload (batch 1, logits of the last position)"
+
+
 @cli.command("search")
 @click.option("--model", "model_ref", required=True, help=MODEL_HELP)
 @click.option("--target", required=True, type=float,
-              help="fraction in [0, 1) of the decoder layers' prunable parameters to remove")
+              help="fraction in [0, 1) of the dense model's --budget to remove")
+@click.option("--budget", default="params", show_default=True,
+              help="what --target is a fraction of: params (decoder layers' prunable parameters), flops (per "
+                   "token, lm_head included) or latency (ONNX Runtime prefill, estimated from this machine's "
+                   "latency table)")
+@click.option("--objectives", default="kl", show_default=True,
+              help="kl, or kl and a cost (kl,latency; kl,params; kl,flops): NSGA-II over both, with the Pareto "
+                   "front in result.json, report.html and the dashboard")
+@click.option("--latency-seq-len", default=128, show_default=True, type=click.IntRange(min=2),
+              help=f"latency budget or objective: {LATENCY_SEQ_HELP}")
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
               help="run folder: study.db (default storage), model/, result.json, report.html")
 @click.option("--space", "space_name", default=None,
@@ -171,8 +183,9 @@ def prune_command(model_ref: str, criterion: str, sparsity: float, allocation: s
 @click.option("--seq-len", default=512, show_default=True, type=click.IntRange(min=2))
 @click.option("--criterion", default="osscar", show_default=True,
               help="local criterion of the supernet: osscar, flap, wanda, taylor, magnitude, random")
-@click.option("--strategy", default="evolution", show_default=True,
-              help="evolution (Tyr / EvoPress), tpe or cmaes; each keeps the budget exact")
+@click.option("--strategy", default=None,
+              help="evolution (Tyr / EvoPress, the default), tpe or cmaes, each keeping the budget; nsga2 (the "
+                   "default with several --objectives)")
 @click.option("--start", default="knapsack", show_default=True,
               help="first iteration's start: knapsack (per-layer sensitivities + a dynamic program) "
                    "or centre (uniform)")
@@ -201,8 +214,9 @@ def prune_command(model_ref: str, criterion: str, sparsity: float, allocation: s
 @click.option("--eval-tokens", default=0, show_default=True, type=click.IntRange(min=0),
               help="also measure the winner's wiki-summaries perplexity on this many tokens (0: skip)")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object on stdout")
-def search_command(model_ref: str, target: float, out_dir: Path, space_name: str | None, calib_source: str,
-                   calib_seqs: int, seq_len: int, criterion: str, strategy: str, start: str, storage: str | None,
+def search_command(model_ref: str, target: float, budget: str, objectives: str, latency_seq_len: int,
+                   out_dir: Path, space_name: str | None, calib_source: str,
+                   calib_seqs: int, seq_len: int, criterion: str, strategy: str | None, start: str, storage: str | None,
                    study_name: str | None, runner: str, workers: int, worker_threads: int | None,
                    address: str | None, heartbeat: int, seed: int, resume: bool, supernet_dir: Path | None,
                    no_rebuild: bool, eval_tokens: int, as_json: bool) -> None:
@@ -210,6 +224,7 @@ def search_command(model_ref: str, target: float, out_dir: Path, space_name: str
     then save the winner as an HF folder with result.json and report.html."""
     from tyrsearch import allocation as allocations
     from tyrsearch import assets, data, evaluate
+    from tyrsearch.budget import BUDGETS, limit, make_budget
     from tyrsearch.local import make_criterion
     from tyrsearch.materialize import save_pruned
     from tyrsearch.models import adapter_for
@@ -221,19 +236,31 @@ def search_command(model_ref: str, target: float, out_dir: Path, space_name: str
         SearchConfig,
         check_reachable,
         materialize,
+        objective_space,
         open_study,
+        parse_objectives,
         uniform_centre,
     )
     from tyrsearch.search.job import JOB, Job
-    from tyrsearch.search.report import RESULT, write_report
+    from tyrsearch.search.report import RESULT, pareto_front, write_report
     from tyrsearch.search.samplers import STRATEGIES
     from tyrsearch.search.storage import open_storage, redact
     from tyrsearch.space import load_space
 
     allocations.check_sparsity(target, flag="--target")
     make_criterion(criterion)
+    if budget not in BUDGETS:
+        raise UserError(f"unknown --budget {budget!r}: choose one of {', '.join(BUDGETS)}")
+    goals = parse_objectives(objectives)
+    strategy = strategy or ("nsga2" if len(goals) > 1 else "evolution")
     if strategy not in STRATEGIES:
         raise UserError(f"unknown strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
+    if (strategy == "nsga2") != (len(goals) > 1):
+        raise UserError("--strategy nsga2 searches several --objectives (e.g. kl,latency) and they need it: "
+                        "give both or neither")
+    if runner == "ray" and len(goals) > 1:
+        raise UserError("several --objectives run with --runner local or optuna (Ray Tune's OptunaSearch here "
+                        "reports one metric)")
     if start not in STARTS:
         raise UserError(f"unknown start {start!r}: choose one of {', '.join(STARTS)}")
     space = load_space(space_name) if space_name else None
@@ -250,12 +277,18 @@ def search_command(model_ref: str, target: float, out_dir: Path, space_name: str
     store = open_storage(storage_url, heartbeat_s=heartbeat) if storage else None
     model, tokenizer = assets.load_model(model_ref)
     adapter = adapter_for(model)
-    space = space or load_space(adapter.search_space)
+    space = objective_space(space or load_space(adapter.search_space), goals)
     dense = adapter.shapes(model)
     space.check_model(dense, adapter.unit_types)
-    check_reachable(space, dense, dims_of(model), target)
+    table = None
+    if budget == "latency" or "latency" in goals:
+        from tyrsearch.export.latency import Workload, table_for
+
+        table, _ = table_for(model, Workload(seq_len=latency_seq_len))
+    cost = make_budget(budget, dims=dims_of(model), seq_len=seq_len, vocab=model.config.vocab_size, table=table)
+    check_reachable(space, dense, cost, target)
     config = SearchConfig(target=target, criterion=criterion, strategy=strategy, start=start, seed=seed,
-                          no_rebuild=no_rebuild)
+                          budget=budget, objectives=goals, no_rebuild=no_rebuild)
     out_dir.mkdir(parents=True, exist_ok=True)
     store = store or open_storage(storage_url, heartbeat_s=heartbeat)  # the default SQLite file lives in --out
     study = open_study(storage=store, study_name=study_name, space=space, config=config, resume=resume)
@@ -265,13 +298,18 @@ def search_command(model_ref: str, target: float, out_dir: Path, space_name: str
     study.set_user_attr(JOB, job.to_dict())
     calibration, fitness_batches = job.batches(tokenizer, space)
     search = Search(model=model, calibration=calibration, fitness_batches=fitness_batches, space=space,
-                    config=config, study=study, supernet_dir=supernet_dir or assets.cache_dir() / "supernets")
+                    config=config, study=study, supernet_dir=supernet_dir or assets.cache_dir() / "supernets",
+                    budget=cost, latency=table)
     found = run.run(search)
     tic = time.perf_counter()
     pruned = materialize(model, found)
     shapes = adapter.shapes(pruned)
     result = {
         "model": model_ref, "target": target,
+        "budget": {"name": budget, "dense": cost.total(dense), "limit": limit(cost, dense, target),
+                   "winner": cost.total(shapes)},
+        **({"latency_ms": {"dense": table.estimate(dense), "winner": table.estimate(shapes),
+                           "seq_len": table.seq_len, "machine": table.machine}} if table else {}),
         "achieved_sparsity": allocations.sparsity_of(shapes, dense, search.dims),
         "params_before": evaluate.total_params(model), "params_after": evaluate.total_params(pruned),
         "decoder_params_before": evaluate.decoder_params(model),
@@ -280,9 +318,11 @@ def search_command(model_ref: str, target: float, out_dir: Path, space_name: str
         "layers": [s.block_config() for s in shapes],
         "iterations": found.iterations,
         **({"workers": found.workers} if found.workers else {}),
+        **({"pareto_front": pareto_front(study, goals)} if len(goals) > 1 else {}),
         "calibration": {"source": calib_source, "sequences": calib_seqs, "seq_len": seq_len, "seed": seed},
         "study": {"storage": redact(storage_url), "name": study_name, "trials": len(study.trials)},
         "config": {"criterion": criterion, "strategy": strategy, "start": start, "space": space.family,
+                   "objectives": list(goals),
                    "runner": runner, "workers": workers if runner != "local" else 1},
     }
     save_pruned(pruned, tokenizer, out_dir / "model")
@@ -297,7 +337,7 @@ def search_command(model_ref: str, target: float, out_dir: Path, space_name: str
     (out_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     study.set_user_attr(RESULT, result)  # `tyrsearch report` renders the same page from the study alone
     write_report(out_dir / "report.html", study=study, result=result, dense=dense,
-                 uniform=uniform_centre(dense, search.dims, target))
+                 uniform=uniform_centre(dense, search.dims, result["achieved_sparsity"]))
     _emit(result, as_json)
 
 
@@ -388,6 +428,57 @@ def export_command(model_dir: Path, out_file: Path, kv_cache: bool, int8: bool, 
         sys.exit(1)
 
 
+@cli.command("latency")
+@click.option("--model", "model_ref", required=True, help=MODEL_HELP)
+@click.option("--seq-len", default=128, show_default=True, type=click.IntRange(min=2), help=LATENCY_SEQ_HELP)
+@click.option("--threads", default=0, show_default=True, type=click.IntRange(min=0),
+              help="ONNX Runtime intra-op threads (0: every core)")
+@click.option("--mlp-step", default=128, show_default=True, type=click.IntRange(min=1),
+              help="MLP widths measured: multiples of this (linear in between)")
+@click.option("--repeats", default=20, show_default=True, type=click.IntRange(min=3), help="timed runs per probe")
+@click.option("--check", "check_models", default=4, show_default=True, type=click.IntRange(min=0, max=4),
+              help="whole models exported and measured against the estimate (dense, uniform 0.3 and 0.5, "
+                   "a random per-layer plan)")
+@click.option("--rebuild", is_flag=True, help="measure again even if this machine's table is cached")
+@click.option("--out", "out_file", default=None, type=click.Path(path_type=Path, dir_okay=False),
+              help="also write the table and the check to this JSON file")
+@click.option("--seed", default=0, show_default=True, type=int, help="of the random per-layer plan")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object on stdout")
+def latency_command(model_ref: str, seq_len: int, threads: int, mlp_step: int, repeats: int, check_models: int,
+                    rebuild: bool, out_file: Path | None, seed: int, as_json: bool) -> None:
+    """Build (once per machine, then cached) the latency table of a model's blocks in ONNX Runtime, and check
+    its estimates against whole exported models."""
+    import random
+
+    from tyrsearch import allocation, assets
+    from tyrsearch.export.latency import Workload, cache_file, check, table_for
+    from tyrsearch.models import adapter_for
+    from tyrsearch.pruner import dims_of
+
+    if out_file is not None and out_file.exists():
+        raise UserError(f"--out {out_file} already exists: choose a new path or remove it")
+    model, _ = assets.load_model(model_ref)
+    adapter = adapter_for(model)
+    workload = Workload(seq_len=seq_len, threads=threads, repeats=repeats, mlp_step=mlp_step)
+    tic = time.perf_counter()
+    table, cached = table_for(model, workload, rebuild=rebuild)
+    built_s = time.perf_counter() - tic
+    dense, dims = adapter.shapes(model), dims_of(model)
+    rng = random.Random(seed)
+    plans = {"dense": dense, "uniform 0.3": allocation.uniform(dense, sparsity=0.3, dims=dims),
+             "uniform 0.5 (attention 0.5)": allocation.uniform(dense, sparsity=0.5, attention_sparsity=0.5, dims=dims),
+             "random per-layer": [s.with_units("q_heads", rng.randint(0, s.q_per_kv))
+                                  .with_units("mlp", rng.randint(0, s.intermediate)) for s in dense]}
+    rows = check(model, table, dict(list(plans.items())[:check_models]), workload)
+    result = {"model": model_ref, "table_file": str(cache_file(model, workload)), "cached": cached,
+              "seconds": built_s, **table.to_dict(), "dense_estimate_ms": table.estimate(dense), "check": rows,
+              "mean_abs_error": sum(abs(r["error"]) for r in rows) / len(rows) if rows else None}
+    if out_file is not None:
+        out_file.parent.mkdir(parents=True, exist_ok=True)
+        out_file.write_text(json.dumps(result, indent=2) + "\n")
+    _emit(result, as_json)
+
+
 JOBS_ADDRESS_HELP = ("the Ray cluster's job server, http://HOST:8265 (its dashboard), also from "
                      "$RAY_API_SERVER_ADDRESS or $RAY_ADDRESS")
 
@@ -475,6 +566,277 @@ def jobs_list_command(address: str, as_json: bool) -> None:
         click.echo(json.dumps(listed))
     for job in [] if as_json else listed:
         click.echo(f"{job['job_id']}  {job['status']:<9}  {job['entrypoint']}")
+
+
+@cli.command("stun")
+@click.option("--model", "model_ref", required=True,
+              help=f"a Mixture-of-Experts model (Mixtral, Qwen2-MoE, OLMoE; e.g. from `tyrsearch moefy`): {MODEL_HELP}")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
+              help="folder for the pruned HF model and result.json")
+@click.option("--experts-keep", default=None,
+              help="routed experts kept over all MoE layers: a share (0.75) or a count (24); not with --method none")
+@click.option("--sparsity", type=float, default=None,
+              help="total sparsity in [0, 1): the fraction of the decoder's counted weights (attention q/k/v/o, "
+                   "routers, routed experts; not embeddings, lm_head, norms, shared experts) removed or zero; "
+                   "removed experts count as removed, the unstructured stage zeroes the rest")
+@click.option("--method", default="stun", show_default=True,
+              help="expert stage: stun (cluster by co-selection), frequency (drop the least used), random, none")
+@click.option("--unstructured", default="wanda", show_default=True,
+              help="second stage: wanda (|W| x ||x|| per output row), owl (outlier-weighted layer sparsities), none")
+@click.option("--semi-structured", is_flag=True,
+              help="2:4 in every pruned matrix (wanda scores) instead of a --sparsity target")
+@click.option("--router-weight", default=0.0, show_default=True, type=float,
+              help="stun: weight in [0, 1] of the router-row distance mixed into the co-selection distance")
+@click.option("--merge", is_flag=True, help="stun: average each 2-expert cluster instead of keeping one of them")
+@click.option("--calib", "calib_source", default="c4", show_default=True, help=TEXT_HELP)
+@click.option("--calib-seqs", default=32, show_default=True, type=click.IntRange(min=1),
+              help="calibration sequences of --seq-len tokens (one forward pass over them)")
+@click.option("--seq-len", default=512, show_default=True, type=click.IntRange(min=2))
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--eval-tokens", default=0, show_default=True, type=click.IntRange(min=0),
+              help="also measure the pruned model's wiki-summaries perplexity on this many tokens (0: skip)")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object on stdout")
+def stun_command(model_ref: str, out_dir: Path, experts_keep: str | None, sparsity: float | None, method: str,
+                 unstructured: str, semi_structured: bool, router_weight: float, merge: bool, calib_source: str,
+                 calib_seqs: int, seq_len: int, seed: int, eval_tokens: int, as_json: bool) -> None:
+    """STUN for Mixture-of-Experts models: remove whole experts (chosen by how alike they behave), then prune
+    the rest unstructured (zeros in dense weights) to a total sparsity; save the model as an HF folder."""
+    from tyrsearch import assets, data, evaluate
+    from tyrsearch.materialize import save_pruned
+    from tyrsearch.moe.stun import StunConfig, check_config, parse_keep, stun_prune
+
+    config = StunConfig(experts_keep=parse_keep(experts_keep) if experts_keep is not None else None,
+                        sparsity=sparsity, method=method, unstructured=unstructured, semi_structured=semi_structured,
+                        router_weight=router_weight, merge=merge, seed=seed)
+    _check_out_dir(out_dir, overwrite=False)
+    text = assets.read_text(calib_source)
+    model, tokenizer = assets.load_model(model_ref)
+    check_config(model, config)  # every other mistake, before the calibration pass
+    batches = data.calibration_batches(tokenizer, text, seq_len=seq_len, count=calib_seqs, seed=seed)
+    before = {"params": evaluate.total_params(model), "decoder_params": evaluate.decoder_params(model)}
+    report = stun_prune(model, batches, config=config, progress=not as_json)
+    result = {
+        "model": model_ref, "out": str(out_dir),
+        "achieved_sparsity": report["sparsity"]["total"], "experts_kept": report["experts"]["total_kept"],
+        "params_before": before["params"], "params_after": evaluate.total_params(model),
+        "decoder_params_before": before["decoder_params"], "decoder_params_after": evaluate.decoder_params(model),
+        **report,
+        "calibration": {"source": calib_source, "seq_len": seq_len, "seed": seed, **report["calibration"]},
+    }
+    if eval_tokens:
+        tic = time.perf_counter()
+        held_out = data.eval_batches(tokenizer, assets.read_text("wiki-summaries"), seq_len=seq_len,
+                                     max_tokens=eval_tokens)
+        result["held_out"] = {"text": "wiki-summaries", **evaluate.perplexity(model, held_out, progress=not as_json)}
+        result["time_s"]["eval"] = time.perf_counter() - tic
+    save_pruned(model, tokenizer, out_dir, result=result)
+    _emit(result, as_json)
+
+
+@cli.group("meta")
+def meta_group() -> None:
+    """Meta-pruning with a graph metanetwork, for vision networks trained here on Fashion-MNIST: build a
+    zoo of networks, meta-train the metanetwork on it, prune a network with it."""
+
+
+def _meta_out(out_dir: Path, *, resume: bool, overwrite: bool = False) -> None:
+    if not resume:
+        _check_out_dir(out_dir, overwrite=overwrite)
+    elif not out_dir.is_dir():
+        raise UserError(f"--resume: {out_dir} does not exist; run without --resume first")
+
+
+@meta_group.command("zoo")
+@click.option("--arch", required=True, type=click.Choice(["resnet", "vit"]),
+              help="ResNet-style CNNs (BatchNorm, residual blocks) or small ViTs (transformers' ViT)")
+@click.option("--count", required=True, type=click.IntRange(min=1), help="networks to train")
+@click.option("--holdout", default=None, type=click.IntRange(min=0),
+              help="the last N networks are held out of meta-training, for the benchmark (default: a fifth)")
+@click.option("--widths", default=None,
+              help="comma-separated base widths the networks cycle through (ResNet: first stage's channels, "
+                   "doubled per stage; ViT: hidden size, a multiple of its 4 heads) [default: 8,12,16 / 24,32,40]")
+@click.option("--epochs", default=2.0, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--batch-size", default=128, show_default=True, type=click.IntRange(min=1))
+@click.option("--lr", default=2e-3, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--train-images", default=None, type=click.IntRange(min=1),
+              help="train on the first N training images only (default: all 60000)")
+@click.option("--test-images", default=None, type=click.IntRange(min=1),
+              help="measure test accuracy on the first N test images only (default: all 10000)")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="the zoo folder")
+@click.option("--resume", is_flag=True, help="continue an interrupted zoo in --out (same options)")
+@click.option("--quiet", is_flag=True, help="no progress bars")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object on stdout")
+def meta_zoo_command(arch: str, count: int, holdout: int | None, widths: str | None, epochs: float, batch_size: int,
+                     lr: float, train_images: int | None, test_images: int | None, out_dir: Path, resume: bool,
+                     quiet: bool, as_json: bool) -> None:
+    """Train a zoo of networks on Fashion-MNIST (seeds 0.., cycling widths); save each with its accuracy."""
+    from tyrsearch.meta.zoo import ZOO_WIDTHS, ZooConfig, build_zoo
+
+    try:
+        parsed = tuple(int(w) for w in widths.split(",")) if widths else ZOO_WIDTHS[arch]
+    except ValueError:
+        raise UserError(f"--widths {widths!r} is not a comma-separated list of integers, e.g. 8,12,16") from None
+    config = ZooConfig(arch=arch, count=count, holdout=count // 5 if holdout is None else holdout, widths=parsed,
+                       epochs=epochs, batch_size=batch_size, lr=lr, train_images=train_images,
+                       test_images=test_images)
+    _meta_out(out_dir, resume=resume)
+    tic = time.perf_counter()
+    zoo = build_zoo(config, out_dir, progress=not quiet)
+    _emit({"out": str(out_dir), "arch": arch, "networks": len(zoo["nets"]),
+           "train": sum(n["split"] == "train" for n in zoo["nets"]),
+           "test": sum(n["split"] == "test" for n in zoo["nets"]),
+           "test_accuracy": {n["name"]: n["test_accuracy"] for n in zoo["nets"]},
+           "seconds": round(time.perf_counter() - tic, 1)}, as_json)
+
+
+@meta_group.command("train")
+@click.option("--zoo", "zoo_dir", required=True, type=click.Path(path_type=Path),
+              help="a zoo from `tyrsearch meta zoo` (its train networks are used)")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
+              help="folder for metanet.safetensors, meta.json and the checkpoint")
+@click.option("--steps", default=2000, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1), help="images per step")
+@click.option("--lr", default=1e-3, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--sparsity-weight", default=0.5, show_default=True, type=click.FloatRange(min=0),
+              help="weight of the group-lasso regulariser (1.0 = the input network's own value)")
+@click.option("--hidden", default=32, show_default=True, type=click.IntRange(min=1), help="metanetwork width")
+@click.option("--layers", default=3, show_default=True, type=click.IntRange(min=1),
+              help="metanetwork message-passing layers")
+@click.option("--train-images", default=None, type=click.IntRange(min=1),
+              help="the first N training images only (default: all 60000)")
+@click.option("--checkpoint-every", default=100, show_default=True, type=click.IntRange(min=1))
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--resume", is_flag=True, help="continue from the checkpoint in --out (same options)")
+@click.option("--quiet", is_flag=True, help="no progress bar")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object on stdout")
+def meta_train_command(zoo_dir: Path, out_dir: Path, steps: int, batch_size: int, lr: float, sparsity_weight: float,
+                       hidden: int, layers: int, train_images: int | None, checkpoint_every: int, seed: int,
+                       resume: bool, quiet: bool, as_json: bool) -> None:
+    """Meta-train the metanetwork: rewritten zoo networks keep their accuracy while their channel / head
+    groups become prunable (cross-entropy + group lasso, through torch.func.functional_call)."""
+    from tyrsearch.meta.train import MetaTrainConfig, train_on_zoo
+    from tyrsearch.meta.zoo import read_zoo
+
+    read_zoo(zoo_dir)  # a wrong --zoo fails before anything is written
+    _meta_out(out_dir, resume=resume)
+    config = MetaTrainConfig(steps=steps, batch_size=batch_size, lr=lr, sparsity_weight=sparsity_weight,
+                             checkpoint_every=checkpoint_every, seed=seed, warmup=min(100, steps // 10))
+    info = train_on_zoo(zoo_dir, out_dir, config=config, hidden=hidden, layers=layers, train_images=train_images,
+                        progress=not quiet)
+    last = info["history"][-1]
+    _emit({"out": str(out_dir), "arch": info["arch"], "nets": len(info["nets"]), "steps": steps,
+           "ce": last["ce"], "sparsity": last["sparsity"], "seconds": round(info["seconds"], 1)}, as_json)
+
+
+@meta_group.command("prune")
+@click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path),
+              help="a saved network (a zoo's net-NNN folder, or an earlier output)")
+@click.option("--meta", "meta_dir", default=None, type=click.Path(path_type=Path),
+              help="a metanetwork from `tyrsearch meta train` (needed by --method meta)")
+@click.option("--method", default="meta", show_default=True, type=click.Choice(["meta", "l2", "random"]),
+              help="meta: rewrite, fine-tune, group-L2 prune, fine-tune; l2 / random: prune, fine-tune")
+@click.option("--speedup", default=2.0, show_default=True, type=float, help="dense FLOPs / pruned FLOPs, at least")
+@click.option("--rewrite-steps", default=300, show_default=True, type=click.IntRange(min=0),
+              help="fine-tuning steps after the rewrite (the other methods add them to --finetune-steps)")
+@click.option("--finetune-steps", default=600, show_default=True, type=click.IntRange(min=0),
+              help="fine-tuning steps after pruning")
+@click.option("--batch-size", default=128, show_default=True, type=click.IntRange(min=1))
+@click.option("--lr", default=1e-3, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--train-images", default=None, type=click.IntRange(min=1),
+              help="fine-tune on the first N training images only (default: all 60000)")
+@click.option("--test-images", default=None, type=click.IntRange(min=1),
+              help="measure accuracy on the first N test images only (default: all 10000)")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
+              help="folder for the pruned network (model.safetensors, net.json) and result.json")
+@click.option("--overwrite", is_flag=True, help="replace --out if it exists")
+@click.option("--quiet", is_flag=True, help="no progress bars")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object on stdout")
+def meta_prune_command(model_dir: Path, meta_dir: Path | None, method: str, speedup: float, rewrite_steps: int,
+                       finetune_steps: int, batch_size: int, lr: float, train_images: int | None,
+                       test_images: int | None, seed: int, out_dir: Path, overwrite: bool, quiet: bool,
+                       as_json: bool) -> None:
+    """Prune a network structurally to a FLOPs speedup (channels of CNNs; heads and MLP channels of ViTs)
+    and fine-tune it; with --method meta, the metanetwork rewrites it first."""
+    from tyrsearch.meta import data
+    from tyrsearch.meta.prune import PruneConfig, check_reachable, run
+    from tyrsearch.meta.train import load_metanet
+    from tyrsearch.meta.zoo import load_net, save_net
+
+    config = PruneConfig(speedup=speedup, method=method, rewrite_steps=rewrite_steps, finetune_steps=finetune_steps,
+                         batch_size=batch_size, lr=lr, seed=seed)
+    if method == "meta" and meta_dir is None:
+        raise UserError("--method meta needs --meta FOLDER (a metanetwork from `tyrsearch meta train`); or choose "
+                        "--method l2 or random")
+    model, net_config, info = load_net(model_dir)
+    check_reachable(net_config, speedup)
+    metanet = load_metanet(meta_dir)[0] if method == "meta" else None
+    _check_out_dir(out_dir, overwrite=overwrite)
+    train, test = data.load("train", limit=train_images), data.load("test", limit=test_images)
+    pruned, pruned_config, report = run(model, net_config, train=train, test=test, prune=config, metanet=metanet,
+                                        progress=not quiet)
+    result = {"model": str(model_dir), "meta": str(meta_dir) if metanet else None, "out": str(out_dir), **report}
+    save_net(out_dir, pruned, pruned_config,
+             {"test_accuracy": report["test_accuracy"]["final"], "pruned_from": str(model_dir)}, result=result)
+    _emit(result, as_json)
+
+
+@cli.command("moefy")
+@click.option("--model", "model_ref", required=True, help=MODEL_HELP)
+@click.option("--experts", required=True, type=int, help="experts per layer; each gets an equal share of MLP neurons")
+@click.option("--top-k", "top_k", required=True, type=int, help="experts active per token")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
+              help="folder for the Mixtral HF model and result.json")
+@click.option("--calibration", "--calib", "calib_source", default="c4", show_default=True, help=TEXT_HELP)
+@click.option("--calibration-sequences", "--calib-seqs", "calib_seqs", default=64, show_default=True,
+              type=click.IntRange(min=1), help="calibration sequences of --seq-len tokens")
+@click.option("--seq-len", default=512, show_default=True, type=click.IntRange(min=2))
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--eval-text", default="wiki-summaries", show_default=True,
+              help=f"held-out text for the dense and MoE perplexity: {TEXT_HELP}")
+@click.option("--eval-tokens", default=16384, show_default=True, type=click.IntRange(min=0),
+              help="tokens of --eval-text on which both perplexities are measured (0: skip)")
+@click.option("--overwrite", is_flag=True, help="replace --out if it exists")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object on stdout")
+def moefy_command(model_ref: str, experts: int, top_k: int, out_dir: Path, calib_source: str, calib_seqs: int,
+                  seq_len: int, seed: int, eval_text: str, eval_tokens: int, overwrite: bool, as_json: bool) -> None:
+    """Split each MLP of a dense Llama-family model into experts with a fitted router (MoEfication) and
+    save the result as a Mixtral model; report its held-out perplexity next to the dense model's."""
+    from tyrsearch import assets, data, evaluate
+    from tyrsearch.moe import active_params, check_counts, check_moefiable, moefy, save_moe
+
+    # everything a user can get wrong is checked before the long work
+    check_counts(experts=experts, top_k=top_k)
+    _check_out_dir(out_dir, overwrite=overwrite)
+    calib = assets.read_text(calib_source)
+    held_out = assets.read_text(eval_text) if eval_tokens else None
+    model, tokenizer = assets.load_model(model_ref)
+    check_moefiable(model.config, experts=experts, top_k=top_k)
+    batches = data.calibration_batches(tokenizer, calib, seq_len=seq_len, count=calib_seqs, seed=seed)
+    eval_batches = None
+    if held_out is not None:
+        eval_batches = data.eval_batches(tokenizer, held_out, seq_len=seq_len, max_tokens=eval_tokens)
+
+    start = time.perf_counter()
+    moe = moefy(model, batches, experts=experts, top_k=top_k, seed=seed)
+    result = {
+        "model": model_ref, "out": str(out_dir), "experts": experts, "top_k": top_k,
+        "params": evaluate.total_params(moe), "active_params": active_params(moe),
+        "active_fraction": round(active_params(moe) / evaluate.total_params(moe), 4),
+        "dense_params": evaluate.total_params(model),
+        "calibration": {"source": calib_source, "sequences": calib_seqs, "seq_len": seq_len,
+                        "tokens": int(batches.numel()), "seed": seed},
+        "moefy_s": round(time.perf_counter() - start, 1),
+    }
+    if eval_batches is not None:
+        start = time.perf_counter()
+        dense_ppl = evaluate.perplexity(model, eval_batches)["ppl"]
+        moe_eval = evaluate.perplexity(moe, eval_batches)
+        result.update({"eval_text": eval_text, "eval_tokens": moe_eval["tokens"], "dense_ppl": dense_ppl,
+                       "moe_ppl": moe_eval["ppl"], "ppl_ratio": moe_eval["ppl"] / dense_ppl,
+                       "eval_s": round(time.perf_counter() - start, 1)})
+    save_moe(moe, tokenizer, out_dir, result=result)
+    _emit(result, as_json)
 
 
 def main(argv: list[str] | None = None) -> None:

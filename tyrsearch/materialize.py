@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import PretrainedConfig
 
 from tyrsearch.atomic import atomic_folder
 from tyrsearch.errors import UserError
@@ -38,18 +39,29 @@ def block_configs(model: nn.Module) -> list[dict]:
     return configs
 
 
+def pruned_config(config: PretrainedConfig, blocks: list[dict], **changes) -> PretrainedConfig:
+    """The per-layer-shaped config of a supported family: `config`'s fields (with `changes`) and one block
+    config per layer."""
+    config_cls, model_cls = PRUNED_CLASSES[base_model_type(config.model_type)]
+    fields = {k: v for k, v in config.to_dict().items() if k not in _DROPPED_CONFIG_KEYS} | changes
+    if fields.get("layer_types"):  # Gemma-3: one entry per layer, the pattern repeating
+        types = fields["layer_types"]
+        fields["layer_types"] = [types[i % len(types)] for i in range(fields["num_hidden_layers"])]
+    pruned = config_cls(**fields, block_configs=blocks)
+    pruned.architectures = [model_cls.__name__]
+    pruned.auto_map = {"AutoConfig": f"modeling_tyr.{config_cls.__name__}",
+                       "AutoModelForCausalLM": f"modeling_tyr.{model_cls.__name__}"}
+    return pruned
+
+
 def to_pruned(model: nn.Module) -> nn.Module:
     """The same weights in the registered per-layer-shaped class (shares no storage with `model`)."""
     base = base_model_type(model.config.model_type)
     if base not in PRUNED_CLASSES:
         adapter_for(model)  # raises the user-facing error for unsupported families
         raise UserError(f"no per-layer-shaped class for {base!r}")
-    config_cls, model_cls = PRUNED_CLASSES[base]
-    fields = {k: v for k, v in model.config.to_dict().items() if k not in _DROPPED_CONFIG_KEYS}
-    config = config_cls(**fields, block_configs=block_configs(model))
-    config.architectures = [model_cls.__name__]
-    config.auto_map = {"AutoConfig": f"modeling_tyr.{config_cls.__name__}",
-                       "AutoModelForCausalLM": f"modeling_tyr.{model_cls.__name__}"}
+    model_cls = PRUNED_CLASSES[base][1]
+    config = pruned_config(model.config, block_configs(model))
     with torch.device("meta"):
         pruned = model_cls(config)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from tyrsearch.errors import UserError
-from tyrsearch.models import ATTENTION_UNITS, KV_GROUPS, MLP, Q_HEADS, LayerShape
+from tyrsearch.models import ATTENTION_UNITS, EXPERTS, KV_GROUPS, MLP, Q_HEADS, LayerShape
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,8 @@ class SearchSpace:
                 raise UserError(f"search space unit {unit!r} is not prunable in this model (it has "
                                 f"{', '.join(unit_types)}); remove it from the space")
             for i, shape in enumerate(shapes):
+                if unit == EXPERTS and not shape.experts:
+                    continue  # a dense MLP layer of an MoE model (Qwen2-MoE's mlp_only_layers)
                 if space.min_keep > shape.units(unit):
                     raise UserError(f"search space: {unit} min_keep {space.min_keep} is above layer {i}'s "
                                     f"{shape.units(unit)} units; lower min_keep")
@@ -91,12 +93,13 @@ def parse_space(raw, *, source: str = "<yaml>") -> SearchSpace:
         raise UserError(f"search space {source}: missing key {sorted(missing)[0]!r}")
     units_raw = top["units"]
     if not isinstance(units_raw, dict) or not units_raw:
-        raise UserError(f"search space {source}: units must map unit types ({KV_GROUPS}, {Q_HEADS}, {MLP}) "
-                        "to {min_keep, step}")
+        raise UserError(f"search space {source}: units must map unit types ({KV_GROUPS}, {Q_HEADS}, {MLP}, "
+                        f"{EXPERTS}) to {{min_keep, step}}")
     units = {}
     for unit, spec in units_raw.items():
-        if unit not in (KV_GROUPS, Q_HEADS, MLP):
-            raise UserError(f"search space {source}: unknown unit type {unit!r}; use {KV_GROUPS}, {Q_HEADS} or {MLP}")
+        if unit not in (KV_GROUPS, Q_HEADS, MLP, EXPERTS):
+            raise UserError(f"search space {source}: unknown unit type {unit!r}; use {KV_GROUPS}, {Q_HEADS}, {MLP} "
+                            f"or {EXPERTS}")
         spec = _mapping(spec, f"units.{unit}", UnitSpace)
         units[unit] = UnitSpace(min_keep=_positive(spec.get("min_keep", 0), f"units.{unit}.min_keep", minimum=0),
                                 step=_positive(spec.get("step"), f"units.{unit}.step"))

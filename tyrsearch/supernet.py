@@ -14,9 +14,11 @@ fingerprints, the criterion, the grid and the sha256 of every shard. Loading ver
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -29,7 +31,8 @@ from tyrsearch.atomic import atomic_folder
 from tyrsearch.calibration import LayerInputs
 from tyrsearch.errors import UserError
 from tyrsearch.local import Criterion
-from tyrsearch.models import ATTENTION_UNITS, MLP, Q_HEADS, LayerShape, Selection, adapter_for
+from tyrsearch.models import ATTENTION_UNITS, EXPERTS, MLP, Q_HEADS, LayerShape, Selection, adapter_for
+from tyrsearch.moe.stats import co_selection
 from tyrsearch.space import SearchSpace
 
 MANIFEST = "manifest.json"
@@ -125,6 +128,33 @@ class Supernet:
         return cls(grid=manifest["grid"], levels=manifest["levels"], variants=variants, manifest=manifest)
 
 
+@dataclass
+class _Counts:
+    counts: torch.Tensor | None = None  # [E, E] int64
+
+
+@contextlib.contextmanager
+def _coselection(layer: nn.Module | None) -> Iterator[_Counts]:
+    """While open, count which experts the tokens running through `layer`'s MoE block co-select (STUN's
+    statistic: the top-k its router hands the experts). None, or a layer without experts: nothing."""
+    found = _Counts()
+    experts = getattr(getattr(layer, "mlp", None), "experts", None)
+    if experts is None:
+        yield found
+        return
+
+    def count(module, args, kwargs):  # experts(hidden [T, H], top_k_index [T, k], weights)
+        index = args[1] if len(args) > 1 else kwargs["top_k_index"]
+        counts = co_selection(index.reshape(-1, index.shape[-1]), module.gate_up_proj.shape[0])
+        found.counts = counts if found.counts is None else found.counts + counts
+
+    handle = experts.register_forward_pre_hook(count, with_kwargs=True)
+    try:
+        yield found
+    finally:
+        handle.remove()
+
+
 def build_supernet(model: nn.Module, criterion: Criterion, batches: torch.Tensor, *, space: SearchSpace,
                    centre: list[LayerShape], expectation: bool = True, batch_size: int = 8,
                    progress: bool = True) -> Supernet:
@@ -144,24 +174,30 @@ def build_supernet(model: nn.Module, criterion: Criterion, batches: torch.Tensor
                                      disable=not progress)):
         input_rms.append(torch.cat(inputs.hidden).pow(2).mean().sqrt().item())
         blocks = {"attention": adapter.consumer(layer, Q_HEADS), "mlp": adapter.consumer(layer, MLP)}
-        stats = inputs.collect({b: c for b, c in blocks.items() if c is not None})
+        with _coselection(layer if EXPERTS in units else None) as coselection:
+            stats = inputs.collect({b: c for b, c in blocks.items() if c is not None})
         state, shape = layer.state_dict(), adapter.shape(layer)
         grid.append({})
         for unit in units:
+            if unit == EXPERTS and not shape.experts:
+                continue  # a dense MLP layer of an MoE model: no experts to search
             spec = space.units[unit]
             keeps = level_keeps(centre=centre[idx].units(unit), step=spec.step, levels=space.levels,
                                 min_keep=spec.min_keep, units=shape.units(unit))
             grid[idx][unit] = keeps
             group = adapter.group(state, shape, unit, head_dim=head_dim)
-            s = stats["attention" if unit in ATTENTION_UNITS else "mlp"]
-            group = replace(group, xtx=s.xtx, x_sum=s.x_sum, tokens=s.tokens)
+            if unit == EXPERTS:
+                group = replace(group, coselection=coselection.counts)
+            else:
+                s = stats["attention" if unit in ATTENTION_UNITS else "mlp"]
+                group = replace(group, xtx=s.xtx, x_sum=s.x_sum, tokens=s.tokens)
             nonzero = [k for k in keeps if k]
             by_keep = criterion.select_many(group, nonzero) if nonzero else {}
             by_keep[0] = Selection(kept=torch.zeros(0, dtype=torch.long))  # the block is removed
             for level, keep in zip(range(-space.levels, space.levels + 1), keeps, strict=True):
                 variants[(idx, unit, level)] = by_keep[keep]
         if expectation:
-            for unit in units:
+            for unit in grid[idx]:
                 adapter.prune_layer_(layer, unit, variants[(idx, unit, 0)], layer_idx=idx, head_dim=head_dim)
         if idx + 1 < len(dense_shapes):
             inputs.advance(recompute=expectation)

@@ -6,11 +6,12 @@ from tyrsearch.local.flap import Flap
 from tyrsearch.local.magnitude import Magnitude
 from tyrsearch.local.osscar import Osscar
 from tyrsearch.local.random import Random
+from tyrsearch.local.stun import Stun
 from tyrsearch.local.taylor import Taylor
 from tyrsearch.local.wanda import Wanda
 
 CRITERIA: dict[str, type[Criterion]] = {
-    cls.name: cls for cls in (Osscar, Flap, Wanda, Taylor, Magnitude, Random)
+    cls.name: cls for cls in (Osscar, Flap, Wanda, Taylor, Magnitude, Random, Stun)
 }
 
 

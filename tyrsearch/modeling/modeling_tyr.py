@@ -13,6 +13,10 @@ The config is the base family's config (every dense shape kept, so its validatio
 
 Q == 0 or KV == 0 means the layer's attention block is removed; I == 0 means its MLP is removed.
 `head_dim` is never pruned (RoPE dims stay whole), so Q heads make q_proj [Q * head_dim, hidden].
+
+A Mixture-of-Experts layer's entry also has `"num_experts": E`, the routed experts it keeps (I is then
+each expert's intermediate size): router weight [E, hidden], fused experts gate_up_proj [E, 2 * I, hidden]
+and down_proj [E, hidden, I]. The router's softmax runs over those E experts only; top-k is unchanged.
 """
 
 from __future__ import annotations
@@ -27,8 +31,14 @@ from transformers import (
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
+    OlmoeConfig,
+    OlmoeForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen2MoeConfig,
+    Qwen2MoeForCausalLM,
 )
 
 
@@ -66,6 +76,22 @@ def _linear(like: nn.Linear, *, in_features: int, out_features: int, bias: bool)
     return nn.Linear(in_features, out_features, bias=bias, device=w.device, dtype=w.dtype)
 
 
+def _parameter(like: nn.Parameter, *shape: int) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape, device=like.device, dtype=like.dtype))
+
+
+def _reshape_experts(moe: nn.Module, *, experts: int, intermediate: int) -> None:
+    """A sparse MoE block keeps `experts` routed experts (a shared expert, if any, is left as it is)."""
+    router, bank = moe.gate, moe.experts
+    hidden = router.weight.shape[1]
+    router.weight = _parameter(router.weight, experts, hidden)
+    bank.gate_up_proj = _parameter(bank.gate_up_proj, experts, 2 * intermediate, hidden)
+    bank.down_proj = _parameter(bank.down_proj, experts, hidden, intermediate)
+    # every experts implementation sizes its one-hot / sentinel expert ids by num_experts
+    router.num_experts = bank.num_experts = experts
+    bank.intermediate_dim = intermediate
+
+
 def reshape_layer(layer: nn.Module, block: dict, *, layer_idx: int, head_dim: int) -> None:
     """Give one decoder layer the shapes of `block` (weights are uninitialised; load them after)."""
     attn, mlp = layer.self_attn, layer.mlp
@@ -84,7 +110,9 @@ def reshape_layer(layer: nn.Module, block: dict, *, layer_idx: int, head_dim: in
                               bias=attn.o_proj.bias is not None or block.get("o_proj_bias", False))
         attn.num_key_value_groups = q_heads // kv_heads  # read by repeat_kv in every attention backend
     inter = block["intermediate_size"]
-    if inter == 0:
+    if block.get("num_experts", 0):
+        _reshape_experts(mlp, experts=block["num_experts"], intermediate=inter)
+    elif inter == 0:
         layer.mlp = SkippedMLP()
     elif not isinstance(mlp, SkippedMLP):
         hidden = mlp.gate_proj.in_features
@@ -97,14 +125,32 @@ def reshape_layer(layer: nn.Module, block: dict, *, layer_idx: int, head_dim: in
         mlp.intermediate_size = inter
 
 
+def _head_dim(config) -> int:
+    # MoE configs may leave head_dim unset (None or absent): their attention then derives it like this
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 class _PerLayerShapes:
     """Mixin for a CausalLM: after the dense layers are built, give each its pruned shape."""
 
     def __init__(self, config):
         super().__init__(config)
         for i, block in enumerate(config.block_configs or []):
-            reshape_layer(self.model.layers[i], block, layer_idx=i, head_dim=config.head_dim)
+            reshape_layer(self.model.layers[i], block, layer_idx=i, head_dim=_head_dim(config))
         self.post_init()
+
+
+class _PerLayerExperts(_PerLayerShapes):
+    """Mixin for an MoE CausalLM: per-layer shapes, expert counts included."""
+
+    @classmethod
+    def _can_set_experts_implementation(cls) -> bool:
+        # transformers enables the fast experts kernels (grouped_mm, ...) only for classes whose source file
+        # applies its experts decorator; ours reuse transformers' decorated experts modules, so they qualify,
+        # and a reloaded model runs the same kernel as the model it was saved from. (The decorator's name
+        # must not appear in this file: the check is a substring search, and the dense classes here would
+        # then claim kernels that their inner models refuse.)
+        return True
 
 
 # One (config, model) pair per base family. Configs are strict dataclasses in transformers 5:
@@ -135,6 +181,24 @@ class TyrGemma3TextConfig(Gemma3TextConfig):
     block_configs: list | None = None
 
 
+@strict
+class TyrMixtralConfig(MixtralConfig):
+    model_type = "tyr_mixtral"
+    block_configs: list | None = None
+
+
+@strict
+class TyrQwen2MoeConfig(Qwen2MoeConfig):
+    model_type = "tyr_qwen2_moe"
+    block_configs: list | None = None
+
+
+@strict
+class TyrOlmoeConfig(OlmoeConfig):
+    model_type = "tyr_olmoe"
+    block_configs: list | None = None
+
+
 class TyrLlamaForCausalLM(_PerLayerShapes, LlamaForCausalLM):
     config_class = TyrLlamaConfig
 
@@ -151,10 +215,25 @@ class TyrGemma3ForCausalLM(_PerLayerShapes, Gemma3ForCausalLM):
     config_class = TyrGemma3TextConfig
 
 
+class TyrMixtralForCausalLM(_PerLayerExperts, MixtralForCausalLM):
+    config_class = TyrMixtralConfig
+
+
+class TyrQwen2MoeForCausalLM(_PerLayerExperts, Qwen2MoeForCausalLM):
+    config_class = TyrQwen2MoeConfig
+
+
+class TyrOlmoeForCausalLM(_PerLayerExperts, OlmoeForCausalLM):
+    config_class = TyrOlmoeConfig
+
+
 # base model_type -> (pruned config class, pruned model class)
 PRUNED_CLASSES = {
     "llama": (TyrLlamaConfig, TyrLlamaForCausalLM),
     "mistral": (TyrMistralConfig, TyrMistralForCausalLM),
     "qwen2": (TyrQwen2Config, TyrQwen2ForCausalLM),
     "gemma3_text": (TyrGemma3TextConfig, TyrGemma3ForCausalLM),
+    "mixtral": (TyrMixtralConfig, TyrMixtralForCausalLM),
+    "qwen2_moe": (TyrQwen2MoeConfig, TyrQwen2MoeForCausalLM),
+    "olmoe": (TyrOlmoeConfig, TyrOlmoeForCausalLM),
 }

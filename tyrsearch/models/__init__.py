@@ -5,6 +5,7 @@ from torch import nn
 from tyrsearch.errors import UserError
 from tyrsearch.models.base import (
     ATTENTION_UNITS,
+    EXPERTS,
     KV_GROUPS,
     MLP,
     Q_HEADS,
@@ -15,8 +16,11 @@ from tyrsearch.models.base import (
 )
 from tyrsearch.models.gemma3 import Gemma3Adapter
 from tyrsearch.models.llama import LlamaAdapter
+from tyrsearch.models.moe import MixtralAdapter, OlmoeAdapter, Qwen2MoeAdapter
 
-ADAPTERS: tuple[FamilyAdapter, ...] = (LlamaAdapter(), Gemma3Adapter())
+ADAPTERS: tuple[FamilyAdapter, ...] = (
+    LlamaAdapter(), Gemma3Adapter(), MixtralAdapter(), Qwen2MoeAdapter(), OlmoeAdapter(),
+)
 PRUNED_PREFIX = "tyr_"  # model_type of a saved pruned model: "tyr_" + the base family's
 
 
@@ -41,6 +45,6 @@ def adapter_for(model: nn.Module) -> FamilyAdapter:
 
 
 __all__ = [
-    "ADAPTERS", "ATTENTION_UNITS", "KV_GROUPS", "MLP", "Q_HEADS", "FamilyAdapter", "LayerShape",
+    "ADAPTERS", "ATTENTION_UNITS", "EXPERTS", "KV_GROUPS", "MLP", "Q_HEADS", "FamilyAdapter", "LayerShape",
     "Selection", "UnitGroup", "adapter_for", "base_model_type", "supported_model_types",
 ]

@@ -12,6 +12,10 @@ A Llama-like decoder layer has three unit types:
                 stays uniform inside a layer. couples q_proj rows and o_proj columns [head_dim]
     mlp         one intermediate channel: gate_proj / up_proj rows, down_proj column
 
+A Mixture-of-Experts layer (`tyrsearch.models.moe`) has a fourth:
+
+    experts     one routed expert: its router row and every weight of the expert
+
 head_dim is never cut (RoPE rotates whole heads).
 """
 
@@ -28,16 +32,22 @@ from tyrsearch.modeling import SkippedAttention, SkippedMLP, reshape_layer
 KV_GROUPS = "kv_groups"
 Q_HEADS = "q_heads"
 MLP = "mlp"
+EXPERTS = "experts"
 ATTENTION_UNITS = (KV_GROUPS, Q_HEADS)
 
 
 @dataclass(frozen=True)
 class LayerShape:
-    """The prunable sizes of one decoder layer. 0 heads or 0 channels: that block is removed."""
+    """The prunable sizes of one decoder layer. 0 heads or 0 channels: that block is removed.
+
+    `experts` > 0 makes the MLP a Mixture-of-Experts block with that many routed experts, each with
+    `intermediate` channels; 0 is a dense MLP (every non-MoE layer).
+    """
 
     kv_heads: int
     q_per_kv: int
     intermediate: int
+    experts: int = 0
 
     @property
     def q_heads(self) -> int:
@@ -45,21 +55,25 @@ class LayerShape:
 
     def units(self, unit_type: str) -> int:
         """How many units of this type the layer keeps (q_heads counts per group)."""
-        return {KV_GROUPS: self.kv_heads, Q_HEADS: self.q_per_kv, MLP: self.intermediate}[unit_type]
+        return {KV_GROUPS: self.kv_heads, Q_HEADS: self.q_per_kv, MLP: self.intermediate,
+                EXPERTS: self.experts}[unit_type]
 
     def with_units(self, unit_type: str, keep: int) -> LayerShape:
-        field = {KV_GROUPS: "kv_heads", Q_HEADS: "q_per_kv", MLP: "intermediate"}[unit_type]
+        field = {KV_GROUPS: "kv_heads", Q_HEADS: "q_per_kv", MLP: "intermediate", EXPERTS: "experts"}[unit_type]
         return replace(self, **{field: keep})
 
     def block_config(self, *, o_proj_bias: bool = False, down_proj_bias: bool = False) -> dict:
-        """The entry this layer gets in a saved model's `block_configs`."""
-        return {
+        """The entry this layer gets in a saved model's `block_configs` (`num_experts` only in MoE layers)."""
+        block = {
             "num_attention_heads": self.q_heads,
             "num_key_value_heads": self.kv_heads if self.q_heads else 0,
             "intermediate_size": self.intermediate,
             "o_proj_bias": o_proj_bias,
             "down_proj_bias": down_proj_bias,
         }
+        if self.experts:
+            block["num_experts"] = self.experts
+        return block
 
 
 @dataclass(frozen=True)
@@ -77,6 +91,7 @@ class UnitGroup:
     x_sum: torch.Tensor | None = None  # [U * width] float64: sum over tokens of x
     tokens: int = 0
     saliency: torch.Tensor | None = None  # [U]: first-order loss change sum(w * dL/dw) over coupled weights
+    coselection: torch.Tensor | None = None  # [U, U] experts: tokens whose top-k holds both (diagonal: one)
 
     @property
     def units(self) -> int:
@@ -122,14 +137,18 @@ class FamilyAdapter:
         return torch.tanh(logits / cap) * cap if cap else logits
 
     def shape(self, layer: nn.Module) -> LayerShape:
-        attn, mlp = layer.self_attn, layer.mlp
-        if isinstance(attn, SkippedAttention):
-            kv, q_per_kv = 0, 0
-        else:
-            kv = attn.k_proj.out_features // attn.head_dim
-            q_per_kv = attn.q_proj.out_features // attn.head_dim // kv
+        kv, q_per_kv = self._attention_units(layer.self_attn)
+        mlp = layer.mlp
         inter = 0 if isinstance(mlp, SkippedMLP) else mlp.down_proj.in_features
         return LayerShape(kv_heads=kv, q_per_kv=q_per_kv, intermediate=inter)
+
+    @staticmethod
+    def _attention_units(attn: nn.Module) -> tuple[int, int]:
+        """(KV heads, query heads per KV head) of an attention block."""
+        if isinstance(attn, SkippedAttention):
+            return 0, 0
+        kv = attn.k_proj.out_features // attn.head_dim
+        return kv, attn.q_proj.out_features // attn.head_dim // kv
 
     def shapes(self, model: nn.Module) -> list[LayerShape]:
         return [self.shape(layer) for layer in self.layers(model)]

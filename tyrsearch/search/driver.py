@@ -31,9 +31,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from tyrsearch import allocation
+from tyrsearch.budget import LATENCY_BAND, Budget, FlopsBudget, LatencyTable, ParamsBudget, limit
 from tyrsearch.errors import UserError
 from tyrsearch.local import make_criterion
-from tyrsearch.models import ATTENTION_UNITS, LayerShape, adapter_for
+from tyrsearch.models import LayerShape, adapter_for
 from tyrsearch.search.candidates import Levels
 from tyrsearch.search.knapsack import knapsack_levels
 from tyrsearch.search.samplers import (
@@ -50,6 +51,7 @@ from tyrsearch.search.storage import load_study
 from tyrsearch.search.worker import (
     DONE,
     FIXED,
+    OBJECTIVES,
     Backoff,
     Worker,
     generation_trials,
@@ -57,7 +59,7 @@ from tyrsearch.search.worker import (
     reference_for,
     retry,
 )
-from tyrsearch.space import SearchSpace, parse_space
+from tyrsearch.space import SearchSpace, Stage, parse_space
 from tyrsearch.supernet import Supernet, build_supernet, fingerprint
 
 STARTS = ("knapsack", "centre")
@@ -65,9 +67,11 @@ STARTS = ("knapsack", "centre")
 
 @dataclass(frozen=True)
 class SearchConfig:
-    target: float  # fraction of the decoder's prunable parameters to remove
+    target: float  # fraction of the dense model's budget (decoder parameters by default) to remove
     criterion: str = "osscar"
-    strategy: str = "evolution"  # evolution, tpe or cmaes
+    strategy: str = "evolution"  # evolution, tpe, cmaes; nsga2 with several objectives
+    budget: str = "params"  # what target is a fraction of: params, flops or latency
+    objectives: tuple[str, ...] = ("kl",)  # kl alone, or kl and a cost (NSGA-II's Pareto front)
     start: str = "knapsack"  # the first iteration's start candidate: knapsack or centre
     seed: int = 0
     sensitivity_sequences: int = 1  # fitness sequences on which each variant's KL is measured (knapsack)
@@ -99,26 +103,74 @@ def shapes_of(supernet: Supernet, levels: Levels, dense: list[LayerShape]) -> li
     return shapes
 
 
-def check_reachable(space: SearchSpace, dense: list[LayerShape], dims: allocation.Dims, target: float) -> None:
-    """Refuse up front a target that min_keep makes unreachable."""
+def floor_of(space: SearchSpace, dense: list[LayerShape]) -> list[LayerShape]:
+    """The smallest model the space allows: every searched unit type at its min_keep."""
     floor = []
     for shape in dense:
         for unit, spec in space.units.items():
             shape = shape.with_units(unit, min(spec.min_keep, shape.units(unit)))
         floor.append(shape)
-    reachable = allocation.sparsity_of(floor, dense, dims)
+    return floor
+
+
+def check_reachable(space: SearchSpace, dense: list[LayerShape], budget: Budget, target: float) -> None:
+    """Refuse up front a target that min_keep (or the budget's fixed part) makes unreachable."""
+    reachable = 1 - budget.total(floor_of(space, dense)) / budget.total(dense)
     if reachable < target:
-        raise UserError(f"target {target} cannot be reached: the space's min_keep allows at most {reachable:.3f} "
-                        "sparsity; lower the target or min_keep")
+        raise UserError(f"target {target} cannot be reached: the space's min_keep allows removing at most "
+                        f"{reachable:.3f} of the dense model's {budget.name}; lower the target or min_keep")
 
 
 def uniform_centre(dense: list[LayerShape], dims: allocation.Dims, target: float) -> list[LayerShape]:
-    """The first iteration's centre: uniform with attention dense, or, where the MLPs alone cannot carry the
-    target, uniform over attention and MLP alike."""
+    """Uniform parameter sparsity `target`: attention dense, or, where the MLPs alone cannot carry the
+    target, uniform over attention and MLP alike. MoE models: the same share of experts in every layer."""
+    if any(shape.experts for shape in dense):
+        return allocation.uniform_experts(dense, sparsity=target, dims=dims)
     try:
         return allocation.uniform(dense, sparsity=target, dims=dims)
     except UserError:
         return allocation.uniform(dense, sparsity=target, attention_sparsity=target, dims=dims)
+
+
+def centre_for(budget: Budget, dense: list[LayerShape], dims: allocation.Dims, target: float) -> list[LayerShape]:
+    """The first iteration's centre: the uniform allocation that removes `target` of the budget (for
+    FLOPs and latency, the least parameter sparsity whose uniform allocation is within the limit)."""
+    if isinstance(budget, ParamsBudget):
+        return uniform_centre(dense, dims, target)
+    most = limit(budget, dense, target)
+    low, high = 0.0, 0.999  # parameter sparsity: `high` is within the limit, `low` above it (unless 0 is)
+    if budget.total(dense) <= most:
+        return list(dense)
+    for _ in range(40):
+        middle = (low + high) / 2
+        try:
+            fits = budget.total(uniform_centre(dense, dims, middle)) <= most
+        except UserError:
+            fits = False  # a uniform allocation this sparse does not exist: treat it as too far
+        low, high = (low, middle) if fits else (middle, high)
+    try:
+        return uniform_centre(dense, dims, high)
+    except UserError:
+        raise UserError(f"no uniform allocation removes {target} of the dense model's {budget.name}: lower "
+                        "the target") from None
+
+
+def parse_objectives(text: str) -> tuple[str, ...]:
+    """`kl` or `kl,COST` (COST: latency, params or flops) as a tuple, or a UserError."""
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    costs = [name for name in OBJECTIVES if name != "kl"]
+    if names[:1] != ("kl",) or len(names) > 2 or any(name not in costs for name in names[1:]):
+        raise UserError(f"--objectives {text!r} is not valid: give kl, or kl and one of {', '.join(costs)} "
+                        "(e.g. kl,latency)")
+    return names
+
+
+def objective_space(space: SearchSpace, objectives: tuple[str, ...]) -> SearchSpace:
+    """With several objectives every candidate is evaluated on the last selection stage's tokens (Optuna
+    prunes single-objective trials only, and a Pareto front needs every candidate measured alike)."""
+    if len(objectives) == 1:
+        return space
+    return replace(space, selection=(Stage(survivors=space.offspring, tokens=space.selection[-1].tokens),))
 
 
 class Search:
@@ -126,14 +178,21 @@ class Search:
 
     def __init__(self, *, model: nn.Module, calibration: torch.Tensor, fitness_batches: torch.Tensor,
                  space: SearchSpace, config: SearchConfig, study: optuna.Study, supernet_dir: Path,
-                 progress: bool = True):
+                 budget: Budget | None = None, latency: LatencyTable | None = None, progress: bool = True):
+        """`budget` prices candidates (decoder parameters by default); `latency` estimates each candidate's
+        latency (needed by a latency objective)."""
         self.model, self.calibration, self.space, self.config = model, calibration, space, config
         self.study, self.supernet_dir, self.progress = study, Path(supernet_dir), progress
         self.adapter = adapter_for(model)
         self.dense = self.adapter.shapes(model)
         self.dims = allocation.Dims(hidden=model.config.hidden_size, head_dim=self.adapter.head_dim(model))
+        self.budget, self.latency = budget or ParamsBudget(dims=self.dims), latency
+        if "latency" in config.objectives and latency is None:
+            raise ValueError("a latency objective needs a latency table")
         space.check_model(self.dense, self.adapter.unit_types)
-        check_reachable(space, self.dense, self.dims, config.target)
+        check_reachable(space, self.dense, self.budget, config.target)
+        self.limit = limit(self.budget, self.dense, config.target)
+        self.flops = FlopsBudget(dims=self.dims, seq_len=fitness_batches.shape[1], vocab=model.config.vocab_size)
         self.seq_len = fitness_batches.shape[1]
         self.stage_sequences = [-(-stage.tokens // self.seq_len) for stage in space.selection]
         self.reference = reference_for(model, fitness_batches, space, batch_size=config.batch_size)
@@ -180,7 +239,7 @@ class Search:
         """Levels minimising the summed single-layer KL under the exact budget (the Tyr start)."""
         tic = time.perf_counter()
         levels, _ = knapsack_levels(self.model, supernet, self.reference.head(self.config.sensitivity_sequences),
-                                    sparsity=self.config.target, dims=self.dims, progress=self.progress)
+                                    budget=self.budget, target=self.config.target, progress=self.progress)
         self.times["sensitivity"] += time.perf_counter() - tic
         return levels
 
@@ -199,7 +258,7 @@ class Search:
             local = Worker(study=self.study, model=self.model, reference=self.reference, space=self.space,
                            batch_size=self.config.batch_size)
             work = local.step
-        centre = uniform_centre(self.dense, self.dims, self.config.target)
+        centre = centre_for(self.budget, self.dense, self.dims, self.config.target)
         summary, supernet, winner = [], None, None
         try:
             for k in range(self.space.iterations):
@@ -214,6 +273,8 @@ class Search:
                     start = self.knapsack_start(supernet) if k == 0 and self.config.start == "knapsack" else zero
                     record = {"grid": supernet.grid, "levels": supernet.levels, "start": levels_to_params(start),
                               "steps": {u: s.step for u, s in space.units.items()}, "cost": self._costs(supernet)}
+                    if not self.budget.exact:
+                        record["band"] = self._band(supernet, record)
                 elif record["grid"] != supernet.grid:
                     raise UserError(f"study {self.study.study_name!r} was searched with another grid in iteration "
                                     f"{k}; resume with the same model, space, target and calibration, or start a "
@@ -224,7 +285,7 @@ class Search:
                 levels = params_to_levels(winner.params, len(self.dense))
                 trials = iteration_trials(self.study, k)
                 summary.append({"iteration": k, "steps": record["steps"], "start_fitness": self._start_fitness(k),
-                                "fitness": winner.value, "trial": winner.number,
+                                "fitness": winner.values[0], "trial": winner.number,
                                 "evaluation_seconds": sum(t.user_attrs.get("seconds", 0.0) for t in trials)})
                 centre = shapes_of(supernet, levels, self.dense)
         finally:
@@ -233,7 +294,7 @@ class Search:
         self.study.set_user_attr(DONE, True)
         self.times["search"] = time.perf_counter() - tic - self.times["supernet"] - self.times["sensitivity"]
         return SearchResult(levels=params_to_levels(winner.params, len(self.dense)), supernet=supernet,
-                            fitness=winner.value, iterations=summary, times_s=dict(self.times))
+                            fitness=winner.values[0], iterations=summary, times_s=dict(self.times))
 
     def retry_running(self) -> None:
         """Queue again the candidates of trials left RUNNING (by a killed earlier run whose workers were
@@ -241,14 +302,28 @@ class Search:
         for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             retry(self.study, trial)
 
-    def _costs(self, supernet: Supernet) -> dict[str, list[int]]:
-        """Parameters of each searched block at each level: what the sampler keeps constant."""
+    def _costs(self, supernet: Supernet) -> dict[str, list[float]]:
+        """The budget's price of each searched block at each level: what the sampler keeps constant (or,
+        for latency, within the band)."""
         costs = {}
         for idx, units in enumerate(supernet.grid):
             for unit, keeps in units.items():
-                block = self.dims.attention_params if unit in ATTENTION_UNITS else self.dims.mlp_params
-                costs[param_name(idx, unit)] = [block(self.dense[idx].with_units(unit, keep)) for keep in keeps]
+                removed = self.budget.layer(self.dense[idx].with_units(unit, 0))  # the layer without that block
+                costs[param_name(idx, unit)] = [self.budget.layer(self.dense[idx].with_units(unit, keep)) - removed
+                                                for keep in keeps]
         return costs
+
+    def _band(self, supernet: Supernet, record: dict) -> list[float]:
+        """[lowest, highest] summed block prices a candidate may have: (1 - LATENCY_BAND) of the limit up to
+        the limit, widened down to the start candidate where that is cheaper."""
+        def summed(params: dict[str, int]) -> float:
+            return sum(record["cost"][name][level + supernet.levels] for name, level in params.items())
+
+        start = record["start"]
+        offset = self.budget.total(shapes_of(supernet, params_to_levels(start, len(self.dense)), self.dense)) \
+            - summed(start)  # what the searched blocks' prices leave out (fixed part, unsearched blocks)
+        upper = self.limit - offset
+        return [min(summed(start), upper - LATENCY_BAND * self.limit), upper]
 
     def iteration_space(self, k: int) -> SearchSpace:
         """Iteration k's space: every unit type's step halved k times (at least 1 unit)."""
@@ -257,7 +332,7 @@ class Search:
 
     def _start_fitness(self, k: int) -> float:
         trials = [t for t in iteration_trials(self.study, k) if t.system_attrs.get(GENERATION) == 0]
-        return trials[0].value if trials else float("nan")
+        return trials[0].values[0] if trials else float("nan")
 
     def _iterate(self, k: int, work: Callable[[], bool]) -> optuna.trial.FrozenTrial:
         bar = tqdm(range(self.space.generations + 1), desc=f"iteration {k + 1}/{self.space.iterations}",
@@ -276,7 +351,7 @@ class Search:
                     optuna.storages.fail_stale_trials(self.study)  # a dead worker's trials are queued again
                     backoff.idle()
             best = best_trial(iteration_trials(self.study, k))
-            bar.set_postfix(fitness=f"{best.value:.4f}", trials=len(self.study.trials))
+            bar.set_postfix(fitness=f"{best.values[0]:.4f}", trials=len(self.study.trials))
         return best_trial(iteration_trials(self.study, k))
 
     def _plan(self, k: int, generation: int) -> int:
@@ -305,14 +380,19 @@ class Search:
 
     def _describe(self, trial: optuna.trial.FrozenTrial, params: dict[str, int]) -> None:
         """User attrs the dashboard shows: where the trial stands, units kept per layer, parameters, sparsity,
-        FLOPs per token (the worker adds the stage, its tokens and the seconds spent)."""
+        FLOPs per token (lm_head included), estimated latency where a table is given, and whether it is
+        within the budget (the worker adds the stage, its tokens and the seconds spent)."""
         shapes = shapes_of(self._supernet, params_to_levels(params, len(self.dense)), self.dense)
-        n_params = sum(map(self.dims.params, shapes))
-        attention_flops = sum(2 * self.seq_len * s.q_heads * self.dims.head_dim for s in shapes)  # QK^T, AV (causal)
         attrs = {"iteration": trial.system_attrs[ITERATION], "generation": trial.system_attrs[GENERATION],
-                 "keeps": [[s.q_heads, s.kv_heads, s.intermediate] for s in shapes], "params": n_params,
+                 "keeps": [[s.q_heads, s.kv_heads, s.intermediate] for s in shapes],
+                 "params": sum(map(self.dims.params, shapes)),
                  "sparsity": allocation.sparsity_of(shapes, self.dense, self.dims),
-                 "flops_per_token": 2 * n_params + attention_flops}
+                 "flops_per_token": self.flops.total(shapes),
+                 "within_budget": self.budget.total(shapes) <= self.limit + self.budget.resolution}
+        if any(s.experts for s in shapes):
+            attrs["experts"] = [s.experts for s in shapes]  # routed experts per layer (0: a dense MLP)
+        if self.latency is not None:
+            attrs["latency_ms"] = self.latency.estimate(shapes)
         for key, value in attrs.items():
             self.study._storage.set_trial_user_attr(trial._trial_id, key, value)
 
@@ -331,17 +411,20 @@ def open_study(*, storage: str | optuna.storages.BaseStorage, study_name: str, s
                config: SearchConfig, resume: bool) -> optuna.Study:
     """The study behind a search: created new, or (resume) loaded and checked to be the same search."""
     settings = {"target": config.target, "criterion": config.criterion, "strategy": config.strategy,
-                "start": config.start, "seed": config.seed, "space": asdict(space)}
+                "start": config.start, "seed": config.seed, "space": asdict(space), "budget": config.budget,
+                "objectives": config.objectives}
     settings = json.loads(json.dumps(settings))  # tuples become lists, as the storage returns them
     try:
-        study = optuna.create_study(storage=storage, study_name=study_name, direction="minimize",
-                                    load_if_exists=resume, **_sampler_and_pruner(space, config.strategy, config.seed))
+        study = optuna.create_study(storage=storage, study_name=study_name, load_if_exists=resume,
+                                    directions=["minimize"] * len(config.objectives),
+                                    **_sampler_and_pruner(space, config.strategy, config.seed))
     except optuna.exceptions.DuplicatedStudyError:
         raise UserError(f"study {study_name!r} already exists in {storage}: pass --resume to continue it "
                         "or choose another --study") from None
     known = study.user_attrs.get("settings")
     if known is None:
         study.set_user_attr("settings", settings)
+        study.set_metric_names([OBJECTIVES[name] or space.fitness.metric for name in config.objectives])
     elif known != settings:
         changed = sorted(k for k in settings if settings[k] != known.get(k))
         raise UserError(f"study {study_name!r} was started with other settings ({', '.join(changed)}): "

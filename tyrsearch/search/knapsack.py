@@ -18,6 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from tyrsearch import allocation, evaluate
+from tyrsearch.budget import Budget, ParamsBudget
 from tyrsearch.errors import UserError
 from tyrsearch.local import Criterion
 from tyrsearch.models import LayerShape, adapter_for
@@ -53,14 +54,15 @@ def layer_sensitivity(model: nn.Module, supernet: Supernet, reference: evaluate.
     return kl
 
 
-def removed_params(supernet: Supernet, dense: list[LayerShape], dims: allocation.Dims) -> dict[Key, int]:
-    """Parameters each variant removes from its dense layer (attention and MLP add up independently)."""
+def removed_price(supernet: Supernet, dense: list[LayerShape], budget: Budget) -> dict[Key, int]:
+    """What each variant removes from its dense layer's price, in the budget's resolution (attention and
+    MLP add up independently)."""
     removed = {}
     for idx, units in enumerate(supernet.grid):
         for unit in units:
             for level in range(-supernet.levels, supernet.levels + 1):
                 cut = dense[idx].with_units(unit, supernet.keep(idx, unit, level))
-                removed[(idx, unit, level)] = dims.params(dense[idx]) - dims.params(cut)
+                removed[(idx, unit, level)] = round((budget.layer(dense[idx]) - budget.layer(cut)) / budget.resolution)
     return removed
 
 
@@ -104,17 +106,17 @@ def knapsack(items: list[list[tuple[int, float]]], budget: int) -> list[int]:
     return picked[::-1]
 
 
-def knapsack_levels(model: nn.Module, supernet: Supernet, reference: evaluate.Reference, *, sparsity: float,
-                    dims: allocation.Dims, progress: bool = True) -> tuple[Levels, float]:
+def knapsack_levels(model: nn.Module, supernet: Supernet, reference: evaluate.Reference, *, budget: Budget,
+                    target: float, progress: bool = True) -> tuple[Levels, float]:
     """One level per (layer, unit type) with the least summed single-variant KL that removes the smallest
-    reachable share of parameters >= `sparsity`; returns the levels and their predicted (summed) KL."""
+    reachable share >= `target` of the dense model's price; returns the levels and their predicted KL."""
     dense = adapter_for(model).shapes(model)
     kl = layer_sensitivity(model, supernet, reference, progress=progress)
-    removed = removed_params(supernet, dense, dims)
+    removed = removed_price(supernet, dense, budget)
     slots = [(idx, unit) for idx, units in enumerate(supernet.grid) for unit in units]
     level_range = range(-supernet.levels, supernet.levels + 1)
     items = [[(removed[(idx, unit, lv)], kl[(idx, unit, lv)]) for lv in level_range] for idx, unit in slots]
-    picked = knapsack(items, math.ceil(sparsity * sum(map(dims.params, dense))))
+    picked = knapsack(items, math.ceil(target * budget.total(dense) / budget.resolution - 1e-6))
     levels: Levels = [{} for _ in dense]
     for (idx, unit), option in zip(slots, picked, strict=True):
         levels[idx][unit] = level_range[option]
@@ -133,7 +135,8 @@ def knapsack_prune(model: nn.Module, criterion: Criterion, batches: torch.Tensor
     supernet = build_supernet(model, criterion, batches, space=space, centre=centre, progress=progress)
     built = time.perf_counter()
     reference = evaluate.dense_topk(model, sensitivity_batches, k=space.fitness.top_k, progress=False)
-    levels, predicted_kl = knapsack_levels(model, supernet, reference, sparsity=sparsity, dims=dims, progress=progress)
+    levels, predicted_kl = knapsack_levels(model, supernet, reference, budget=ParamsBudget(dims=dims), target=sparsity,
+                                           progress=progress)
     supernet.apply(model, levels)
     done = time.perf_counter()
     return {

@@ -8,10 +8,13 @@ one's levels; workers then claim and evaluate them (see `worker.py`). Generation
 candidate alone, then generations of up to `offspring` trials each.
 
 - `EvolutionSampler` (Tyr / EvoPress): offspring of the best complete trial so far (elitist) by 1-4
-  level swaps between two layers of one unit type; a swap only where both moves shift the same number
-  of parameters, so the budget is exact. Never a candidate twice.
+  level swaps between two layers of one unit type; a swap only where both moves shift the same price
+  (parameters, FLOPs), so the budget is exact. A latency budget has a band instead (the iteration's
+  `band`): swaps between any two blocks, attention and MLP alike, that keep the estimate within it.
+  Never a candidate twice.
 - `BudgetedSampler`: any Optuna sampler (TPE, CMA-ES) proposes; the proposal is then repaired to the
   start candidate's unit counts by single-level moves.
+- `ParetoSampler`: NSGA-II proposes freely for several objectives (quality and a cost); no budget.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from optuna.trial import FrozenTrial, TrialState
 ITERATION = "tyr:iteration"
 GENERATION = "tyr:generation"
 INDEX = "tyr:index"
-STRATEGIES = ("evolution", "tpe", "cmaes")
+STRATEGIES = ("evolution", "tpe", "cmaes", "nsga2")
 
 
 def param_name(layer: int, unit: str) -> str:
@@ -53,8 +56,11 @@ def iteration_trials(study: Study, iteration: int) -> list[FrozenTrial]:
 
 
 def best_trial(trials: Sequence[FrozenTrial]) -> FrozenTrial | None:
+    """The complete trial of least fitness (the first objective), within the budget where any is (with
+    several objectives candidates are not held to it)."""
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    return min(complete, key=lambda t: (t.value, t.number)) if complete else None
+    return min(complete, key=lambda t: (not t.user_attrs.get("within_budget", True), t.values[0], t.number),
+               default=None)
 
 
 class _Grid:
@@ -62,13 +68,16 @@ class _Grid:
 
     def __init__(self, info: dict):
         self.levels = info["levels"]
-        # what a move trades: the block's parameters per level where the iteration records them (removing
-        # a layer's last query heads also drops its k/v projections), else the units kept
+        # what a move trades: the block's price per level where the iteration records it (removing a
+        # layer's last query heads also drops its k/v projections), else the units kept
         self.keeps = info.get("cost") or {param_name(i, unit): keeps
                                           for i, units in enumerate(info["grid"]) for unit, keeps in units.items()}
+        self.band = info.get("band")  # [lowest, highest] summed price: a latency budget, kept within a band
         self.by_unit: dict[str, list[str]] = {}
         for name in self.keeps:
             self.by_unit.setdefault(parse_param(name)[1], []).append(name)
+        if self.band:  # any two blocks may trade: latency prices attention and MLP in one currency
+            self.by_unit = {"any": sorted(self.keeps)}
 
     def space(self) -> dict[str, BaseDistribution]:
         return {name: IntDistribution(-self.levels, self.levels) for name in self.keeps}
@@ -84,6 +93,16 @@ class _Grid:
 
     def totals(self, params: dict[str, int]) -> dict[str, int]:
         return {unit: sum(self.keep(n, params[n]) for n in names) for unit, names in self.by_unit.items()}
+
+    def swap_fits(self, removed: float | None, added: float | None, params: dict[str, int]) -> bool:
+        """May a swap that removes `removed` and adds back `-added` (None: off the grid) be made in `params`
+        (the candidate before the swap)? Exact budgets: equal prices. A band: the new total stays in it."""
+        if not removed or added is None:
+            return False
+        if not self.band:
+            return removed == -added
+        total = sum(self.keep(n, level) for n, level in params.items()) - removed - added
+        return self.band[0] <= total <= self.band[1]
 
 
 class GenerationalSampler(BaseSampler):
@@ -166,9 +185,7 @@ class EvolutionSampler(GenerationalSampler):
             for _ in range(swaps):
                 names = grid.by_unit[units[rng.integers(len(units))]]
                 up, down = (names[i] for i in rng.choice(len(names), size=2, replace=False))
-                removed = grid.shift(up, child[up], +1)
-                added = grid.shift(down, child[down], -1)
-                if removed and added is not None and removed == -added:
+                if grid.swap_fits(grid.shift(up, child[up], +1), grid.shift(down, child[down], -1), child):
                     child[up] += 1
                     child[down] -= 1
             key = tuple(sorted(child.items()))
@@ -178,8 +195,8 @@ class EvolutionSampler(GenerationalSampler):
         return children  # fewer than `offspring` once the parent's neighbourhood is exhausted
 
 
-class BudgetedSampler(GenerationalSampler):
-    """Another Optuna sampler proposes levels; single-level moves then restore the budget exactly."""
+class ParetoSampler(GenerationalSampler):
+    """Another Optuna sampler (NSGA-II) proposes levels as they are: no budget, the costs are objectives."""
 
     def __init__(self, base: BaseSampler, *, offspring: int, seed: int = 0):
         super().__init__(offspring=offspring, seed=seed)
@@ -194,8 +211,27 @@ class BudgetedSampler(GenerationalSampler):
         for name, dist in search_space.items():
             if name not in proposal:
                 proposal[name] = self.base.sample_independent(study, trial, name, dist)
+        return self.unseen({k: int(v) for k, v in proposal.items()}, study, info, trial.number)
+
+    def unseen(self, params: dict[str, int], study: Study, info: dict, number: int) -> dict[str, int]:
+        """`params`, or where the iteration has that candidate already, random one-level moves away from
+        it until it is new (GA samplers propose repeats; evaluating one twice would teach nothing)."""
+        seen = {tuple(sorted(t.params.items())) for t in iteration_trials(study, info["iteration"]) if t.params}
+        rng, names, levels = self._rng(info["iteration"], number), sorted(params), info["levels"]
+        for _ in range(100):
+            if tuple(sorted(params.items())) not in seen:
+                break
+            name = names[rng.integers(len(names))]
+            params = {**params, name: int(np.clip(params[name] + rng.choice([-1, 1]), -levels, levels))}
+        return params
+
+
+class BudgetedSampler(ParetoSampler):
+    """Another Optuna sampler proposes levels; single-level moves then restore the unit counts exactly."""
+
+    def propose(self, study, trial, info, search_space):
         grid = _Grid(info)
-        return repair({k: int(v) for k, v in proposal.items()}, grid, grid.totals(info["start"]),
+        return repair(super().propose(study, trial, info, search_space), grid, grid.totals(info["start"]),
                       self._rng(info["iteration"], trial.number))
 
 
@@ -219,11 +255,14 @@ def repair(params: dict[str, int], grid: _Grid, totals: dict[str, int], rng: np.
 
 
 def make_sampler(strategy: str, *, offspring: int, seed: int) -> GenerationalSampler:
-    """The search strategy by name: evolution (default), tpe or cmaes."""
+    """The search strategy by name: evolution (default), tpe, cmaes, or nsga2 (several objectives)."""
     if strategy == "evolution":
         return EvolutionSampler(offspring=offspring, seed=seed)
     if strategy == "tpe":
         return BudgetedSampler(optuna.samplers.TPESampler(seed=seed, multivariate=True), offspring=offspring, seed=seed)
     if strategy == "cmaes":
         return BudgetedSampler(optuna.samplers.CmaEsSampler(seed=seed), offspring=offspring, seed=seed)
+    if strategy == "nsga2":
+        return ParetoSampler(optuna.samplers.NSGAIISampler(population_size=offspring, seed=seed),
+                             offspring=offspring, seed=seed)
     raise ValueError(f"unknown strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")

@@ -34,6 +34,8 @@ from tyrsearch.supernet import Supernet
 
 FIXED = "fixed_params"  # where Optuna keeps an enqueued trial's params (Study.enqueue_trial)
 DONE = "tyr:done"  # study user attr: the search has finished; workers leave
+# what an objective reads from a trial: the fitness itself, or a user attr the search sets when planning
+OBJECTIVES = {"kl": None, "latency": "latency_ms", "params": "params", "flops": "flops_per_token"}
 
 
 def worker_name() -> str:
@@ -151,6 +153,7 @@ class Dispatcher:
         self.stage_sequences = [math.ceil(stage.tokens / seq_len) for stage in space.selection]
         self.survivors = [stage.survivors for stage in space.selection]
         self.tokens_per_sequence = seq_len
+        self.objectives = study.user_attrs.get("settings", {}).get("objectives", ["kl"])
         self.held: set[int] = set()  # trial ids claimed here and not finished
         self.in_flight: set[int] = set()  # held trials whose Task is out being evaluated
         self._parents: dict[tuple[int, int], dict[str, int] | None] = {}
@@ -186,9 +189,11 @@ class Dispatcher:
         trial.set_user_attr("worker", worker)
         trial.set_user_attr("stage", task.stage)
         trial.set_user_attr("tokens", task.sequences * self.tokens_per_sequence)
-        trial.report(value, task.stage)
+        if len(self.objectives) == 1:  # Optuna prunes (selects) single-objective trials only
+            trial.report(value, task.stage)
         if task.stage + 1 == len(self.stage_sequences):
-            self._finish(trial, values=value)
+            attrs = self.study._storage.get_trial(task.trial_id).user_attrs
+            self._finish(trial, values=[value, *(attrs[OBJECTIVES[name]] for name in self.objectives[1:])])
 
     def abandon(self, task: Task) -> None:
         """The task's evaluation failed: fail the trial and queue the candidate again (stages kept)."""
