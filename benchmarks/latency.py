@@ -125,7 +125,7 @@ def main() -> None:
         runs["pareto"] = search("pareto", "--budget", "latency", "--target", latency_target,
                                 "--objectives", "kl,latency")
         save(NAME, data, "")
-    if len(data.get("measured", [])) != len(runs):
+    if runs and len(data.get("measured", [])) != len(runs):
         plans = {label: shapes_of(run["layers"]) for label, run in runs.items()}
         data["measured"] = check(model, table, plans, workload)
     data["environment"] = environment()
@@ -140,7 +140,7 @@ def markdown(data: dict, table: LatencyTable, dense: list[LayerShape]) -> str:
     errors = [abs(r["error"]) for r in data["check"]]
     lines += ["", "| search | budget | KL (2048 tokens) | held-out ppl | latency ms est. / measured | "
               "vs dense (measured) | sparsity | trials | wall s |", "|---|---|---|---|---|---|---|---|---|"]
-    measured = {r["label"]: r for r in data["measured"]}
+    measured = {r["label"]: r for r in data.get("measured", [])}
     dense_measured = data["check"][0]["measured_ms"]
     for label, run in data["searches"].items():
         m = measured[label]
