@@ -63,7 +63,7 @@ class MoefyConfig:
     held_out: float = 0.2  # share of calibration tokens (the last ones) on which the ridge is chosen
     router_spread: float = 0.02  # std of the router logits around each token's mean, on calibration tokens
     refit: bool = True  # refit the experts' down projections to the dense MLP output
-    correct: float = 0.0  # share of the gap to the dense model's hidden states the refit target adds
+    correct: float = 0.25  # share of the gap to the dense model's hidden states added to the refit target
 
 
 def check_counts(*, experts: int, top_k: int) -> None:
@@ -201,36 +201,42 @@ def _validated_ridge(fit: tuple, held: tuple, ridges: tuple[float, ...], prior: 
     return _ridge_solve(fit[0] + held[0], fit[1] + held[1], best, prior)
 
 
+def _split(tokens: int, held_out: float) -> int:
+    """Index of the first held-out token: the last ``held_out`` share, at least one token on each side."""
+    return min(max(1, round(tokens * (1 - held_out))), tokens - 1)
+
+
 def fit_router(x: torch.Tensor, scores: torch.Tensor, *, ridges: tuple[float, ...], held_out: float) -> torch.Tensor:
     """Router weight [E, H]: ridge regression of per-token expert scores [T, E], centred over the
     experts, on the router input x [T, H]; the ridge is chosen on the last ``held_out`` share of tokens."""
     target = scores - scores.mean(dim=1, keepdim=True)
-    cut = round(x.shape[0] * (1 - held_out))
+    cut = _split(x.shape[0], held_out)
     fit, held = _normal_equations(x[:cut], target[:cut]), _normal_equations(x[cut:], target[cut:])
     return _validated_ridge(fit, held, ridges, None).T.float()
 
 
-def refit_down(acts: torch.Tensor, weights: torch.Tensor, y: torch.Tensor, prior: torch.Tensor, *,
+def refit_down(acts: torch.Tensor, weights: torch.Tensor, target: torch.Tensor, prior: torch.Tensor, *,
                ridges: tuple[float, ...], held_out: float, chunk: int = 4096) -> torch.Tensor:
-    """Down projections [H, I] of all experts, fitted jointly to the dense MLP output.
+    """Down projections [H, I] of all experts, fitted jointly so that the MoE's output matches ``target``.
 
     acts [T, I]: activations, expert-ordered (expert e owns columns e*m..(e+1)*m); weights [T, E]: each
-    expert's routing weight for the token (0 when not selected); y [T, H]: the dense MLP output;
-    prior [H, I]: what the fit is shrunk towards (neurons the router never selects keep it). The
-    ridge is chosen on the last ``held_out`` share of tokens.
+    expert's routing weight for the token (0 when not selected); target [T, H]; prior [H, I]: what the
+    fit is shrunk towards (neurons the router never selects keep it). The ridge is chosen on the last
+    ``held_out`` share of tokens.
     """
     size = acts.shape[1] // weights.shape[1]
-    cut = round(acts.shape[0] * (1 - held_out))
-    parts = []
-    for rows in (slice(0, cut), slice(cut, None)):
-        sums = None
-        for start in range(rows.start, rows.stop or acts.shape[0], chunk):
-            part = slice(start, min(start + chunk, rows.stop or acts.shape[0]))
-            z = acts[part] * weights[part].repeat_interleave(size, dim=1)  # [t, I]: what the MoE's down sees
-            step = _normal_equations(z, y[part])
-            sums = step if sums is None else tuple(a + b for a, b in zip(sums, step, strict=True))
-        parts.append(sums)
-    return _validated_ridge(parts[0], parts[1], ridges, prior.T.double()).T.float()
+
+    def sums(first: int, stop: int) -> tuple[torch.Tensor, ...]:
+        total = None
+        for start in range(first, stop, chunk):
+            rows = slice(start, min(start + chunk, stop))
+            z = acts[rows] * weights[rows].repeat_interleave(size, dim=1)  # [t, I]: what the MoE's down sees
+            part = _normal_equations(z, target[rows])
+            total = part if total is None else tuple(a + b for a, b in zip(total, part, strict=True))
+        return total
+
+    cut = _split(acts.shape[0], held_out)
+    return _validated_ridge(sums(0, cut), sums(cut, acts.shape[0]), ridges, prior.T.double()).T.float()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -253,15 +259,20 @@ def _mlp_io(walker: LayerInputs, mlp: nn.Module) -> tuple[torch.Tensor, torch.Te
     return torch.cat(inputs), torch.cat(outputs)
 
 
+def _tokens(hidden: list[torch.Tensor]) -> torch.Tensor:
+    """The walker's hidden states [b, L, H] per chunk as one [T, H] (the order of the MLP hooks)."""
+    return torch.cat([h.reshape(-1, h.shape[-1]) for h in hidden])
+
+
 def _activations(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return F.silu(x @ mlp.gate_proj.weight.T) * (x @ mlp.up_proj.weight.T)  # [T, I]
 
 
 @torch.no_grad()
-def _moefy_layer(mlp: nn.Module, block: nn.Module, x: torch.Tensor, y: torch.Tensor, *, experts: int, top_k: int,
-                 options: MoefyConfig, seed: int) -> torch.Tensor:
-    """Fill the Mixtral block (router and experts) from the dense ``mlp``; returns the neurons' cluster
-    labels [I]. x, y [T, H]: the MLP's calibration inputs and outputs."""
+def _moefy_layer(mlp: nn.Module, block: nn.Module, x: torch.Tensor, target: torch.Tensor, *, experts: int,
+                 top_k: int, options: MoefyConfig, seed: int) -> None:
+    """Fill the Mixtral block (router and experts) from the dense ``mlp``. x [T, H]: the MLP's calibration
+    inputs; target [T, H]: what the block's output is refit to."""
     gate, up, down = mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight  # [I, H], [I, H], [H, I]
     acts = _activations(mlp, x)
     size = acts.shape[1] // experts
@@ -277,7 +288,7 @@ def _moefy_layer(mlp: nn.Module, block: nn.Module, x: torch.Tensor, y: torch.Ten
     if top_k == experts:  # nothing to choose or compensate: uniform weights 1/E
         block.gate.weight.zero_()
         experts_mod.down_proj.copy_(experts * down.view(down.shape[0], experts, size).transpose(0, 1))
-        return labels
+        return
 
     # Each expert's contribution norm per token, ||down_e a_e|| (one expert at a time: [T, H]).
     scores = torch.stack([(acts[:, e * size:(e + 1) * size] @ down[:, e * size:(e + 1) * size].T).norm(dim=1)
@@ -290,11 +301,10 @@ def _moefy_layer(mlp: nn.Module, block: nn.Module, x: torch.Tensor, y: torch.Ten
     if options.refit:
         _, top_weights, top_index = block.gate(x)  # Mixtral's own routing: [T, k] each
         weights = torch.zeros(x.shape[0], experts).scatter_(1, top_index, top_weights.float())  # [T, E]
-        fitted = refit_down(acts, weights, y, prior, ridges=options.ridges, held_out=options.held_out)
+        fitted = refit_down(acts, weights, target, prior, ridges=options.ridges, held_out=options.held_out)
     else:
         fitted = prior
     experts_mod.down_proj.copy_(fitted.view(down.shape[0], experts, size).transpose(0, 1))  # [E, H, m]
-    return labels
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -324,7 +334,9 @@ def moefy(model: nn.Module, calibration_batches: torch.Tensor, *, experts: int, 
     moe = _mixtral_shell(model, experts=experts, top_k=top_k)
     adapter = adapter_for(model)
     walker = LayerInputs(model, adapter, calibration_batches)
-    dense_walker = LayerInputs(model, adapter, calibration_batches) if options.correct else None
+    # the dense model's own hidden states, for the refit target's correction (no refit when top_k == E)
+    correcting = options.refit and options.correct and top_k < experts
+    dense_walker = LayerInputs(model, adapter, calibration_batches) if correcting else None
     dense_layers, moe_layers = adapter.layers(model), moe.model.layers
     for index in tqdm(range(len(dense_layers)), desc="moefy", disable=not progress, unit="layer"):
         x, y = _mlp_io(walker, dense_layers[index].mlp)
@@ -333,8 +345,7 @@ def moefy(model: nn.Module, calibration_batches: torch.Tensor, *, experts: int, 
         if dense_walker is not None:
             dense_walker.collect({})
             dense_walker.advance(recompute=False)
-            gap = torch.cat([(d - m).reshape(-1, d.shape[-1]) for d, m in zip(dense_walker.hidden, walker.hidden,
-                                                                                   strict=True)])
+            gap = _tokens(dense_walker.hidden) - _tokens(walker.hidden)  # [T, H]: dense minus MoE hidden states
             target = y + options.correct * gap
         block = moe_layers[index].mlp
         _moefy_layer(dense_layers[index].mlp, block, x, target, experts=experts, top_k=top_k, options=options,
