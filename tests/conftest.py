@@ -67,3 +67,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    """A small plain-text corpus for CLI runs (calibration and evaluation)."""
+    path = tmp_path_factory.mktemp("text") / "text.txt"
+    path.write_text(" ".join(f"The river {i} flows into the sea near the old town." for i in range(400)))
+    return path

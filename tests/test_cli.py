@@ -60,13 +60,6 @@ def tiny_folder(tmp_path_factory, smollm2_folder):
     return folder
 
 
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("text") / "text.txt"
-    path.write_text(" ".join(f"The river {i} flows into the sea near the old town." for i in range(400)))
-    return path
-
-
 BAD_INPUTS = [
     (["--model", "no/such/folder"], "not found"),
     (["--model", "llama-9000"], "known model aliases: smollm2-135m"),

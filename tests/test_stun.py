@@ -403,13 +403,6 @@ def moe_folder(tmp_path_factory, smollm2_folder):
     return folder
 
 
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("text") / "text.txt"
-    path.write_text(" ".join(f"The river {i} flows into the sea near the old town." for i in range(400)))
-    return path
-
-
 def _stun_args(model, text, out, **override):
     args = {"--model": str(model), "--out": str(out), "--experts-keep": "0.75", "--sparsity": "0.5",
             "--calib": str(text), "--calib-seqs": "4", "--seq-len": "32", **override}
