@@ -13,7 +13,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from tests.test_cli import _search_args, run_cli, space_file, text_file, tiny_folder  # noqa: F401  (fixtures)
+from tests.test_cli import _search_args, run_cli, space_file, tiny_folder  # noqa: F401  (fixtures)
 from tests.test_runners import SPACE, _check_every_place_once
 
 RAY = str(Path(sys.executable).with_name("ray"))

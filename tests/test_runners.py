@@ -18,7 +18,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from tests.test_cli import _search_args, run_cli, space_file, text_file, tiny_folder  # noqa: F401  (fixtures)
+from tests.test_cli import _search_args, run_cli, space_file, tiny_folder  # noqa: F401  (fixtures)
 from tyrsearch.search.samplers import GENERATION, INDEX, ITERATION
 
 PG = os.environ.get("TYRSEARCH_TEST_POSTGRES", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
