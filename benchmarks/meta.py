@@ -12,10 +12,11 @@ and its test accuracy and wall time are recorded. The goal: meta beats l2 at 3x 
 Rows are written as they finish; rerunning skips finished rows, so an interrupted run resumes (other
 settings start over).
 
-    .venv/bin/tyrsearch meta zoo --arch resnet --count 20 --out runs/zoo-resnet
+    .venv/bin/tyrsearch meta zoo --arch resnet --count 10 --out runs/zoo-resnet
     .venv/bin/tyrsearch meta train --zoo runs/zoo-resnet --out runs/meta-resnet
     (the same for vit)
     .venv/bin/python benchmarks/meta.py --resnet runs/zoo-resnet runs/meta-resnet --vit runs/zoo-vit runs/meta-vit
+    (README: --nets 2 --speedups 3 --methods meta l2 --name meta_sw2, and --nets 1 with metanetworks at weight 0.5)
 """
 
 from __future__ import annotations

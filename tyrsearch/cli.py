@@ -697,7 +697,7 @@ def meta_zoo_command(arch: str, count: int, holdout: int | None, widths: str | N
 @click.option("--steps", default=2000, show_default=True, type=click.IntRange(min=1))
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1), help="images per step")
 @click.option("--lr", default=1e-3, show_default=True, type=click.FloatRange(min=0, min_open=True))
-@click.option("--sparsity-weight", default=0.5, show_default=True, type=click.FloatRange(min=0),
+@click.option("--sparsity-weight", default=2.0, show_default=True, type=click.FloatRange(min=0),
               help="weight of the group-lasso regulariser (1.0 = the input network's own value)")
 @click.option("--hidden", default=32, show_default=True, type=click.IntRange(min=1), help="metanetwork width")
 @click.option("--layers", default=3, show_default=True, type=click.IntRange(min=1),
