@@ -239,11 +239,12 @@ def test_per_layer_expert_counts_save_and_reload(name, tokens, tmp_path):
     assert adapter_for(reloaded).shapes(reloaded) == adapter_for(model).shapes(model)
 
 
-def test_trust_remote_code_loads_every_moe_family_without_tyrsearch(tokens, tmp_path):
+def reload_without_tyrsearch(models: dict, tokens: torch.Tensor, tmp_path) -> list[list[str]]:
+    """Save each model, reload it with trust_remote_code in a fresh interpreter that never imports tyrsearch;
+    returns [name, experts implementation, max |logit difference|] per model, in name order."""
     torch.save(tokens, tmp_path / "tokens.pt")
     folders = {}
-    for name in sorted(MOE_FAMILIES):
-        model = _pruned(name)
+    for name, model in sorted(models.items()):
         folders[name] = str(save_pruned(model, None, tmp_path / name))
         torch.save(model(tokens).logits, tmp_path / f"{name}.pt")
     script = f"""
@@ -259,6 +260,10 @@ assert "tyrsearch" not in sys.modules, "tyrsearch was imported"
 """
     env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules")}
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
-    rows = [line.split() for line in out.stdout.strip().splitlines()]
+    return [line.split() for line in out.stdout.strip().splitlines()]
+
+
+def test_trust_remote_code_loads_every_moe_family_without_tyrsearch(tokens, tmp_path):
+    rows = reload_without_tyrsearch({name: _pruned(name) for name in MOE_FAMILIES}, tokens, tmp_path)
     # grouped_mm, the kernel the models were saved from: a reloaded class must not fall back to eager
     assert rows == [[name, "grouped_mm", "0.0"] for name in sorted(MOE_FAMILIES)]
