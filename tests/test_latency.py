@@ -17,9 +17,10 @@ from tyrsearch.allocation import Dims
 from tyrsearch.budget import FlopsBudget, LatencyBudget, LatencyTable, ParamsBudget, limit
 from tyrsearch.materialize import save_pruned
 from tyrsearch.models import MLP, Q_HEADS, LayerShape
-from tyrsearch.search import driver
+from tyrsearch.search import driver, knapsack
 from tyrsearch.search.driver import Search, SearchConfig, centre_for, open_study, parse_objectives
 from tyrsearch.search.samplers import EvolutionSampler, _Grid, param_name
+from tyrsearch.supernet import Supernet
 
 DENSE = [LayerShape(kv_heads=1, q_per_kv=2, intermediate=64)] * 4
 DIMS = Dims(hidden=32, head_dim=8)
@@ -71,6 +72,20 @@ def test_latency_offspring_trade_any_two_blocks_within_the_band():
         assert total - 0.15 - 1e-9 <= price <= total + 0.05 + 1e-9
     moved = [{name.split(".")[1] for name in child if child[name] != parent[name]} for child in children]
     assert any(units == {Q_HEADS, MLP} for units in moved)  # attention traded against MLP
+
+
+def test_latency_savings_are_rounded_down_so_the_knapsack_start_never_exceeds_the_limit():
+    # each MLP step saves 0.0016 ms: to the nearest microsecond that is 2, really 1.6; over 4 layers
+    # rounding up would claim 0.0024 ms that are not there
+    table = LatencyTable(machine="t", model="t", seq_len=128, threads=1, base_ms=1.0,
+                         attention_ms={(1, 2): 0.5}, mlp_ms={32: 0.6 - 0.0032, 64: 0.6})
+    budget = LatencyBudget(table=table)
+    net = Supernet(grid=[{MLP: [64, 48, 32]}] * 4, levels=1, variants={}, manifest={})
+    removed = knapsack.removed_price(net, DENSE, budget)
+    for (idx, unit, level), units in removed.items():
+        saved = budget.layer(DENSE[idx]) - budget.layer(DENSE[idx].with_units(unit, net.keep(idx, unit, level)))
+        assert units * budget.resolution <= saved + 1e-12 and units == int(saved / budget.resolution)
+    assert removed[(0, MLP, 0)] == 1
 
 
 @pytest.mark.parametrize(("text", "ok"), [("kl", True), ("kl,latency", True), ("kl, flops", True),

@@ -56,13 +56,15 @@ def layer_sensitivity(model: nn.Module, supernet: Supernet, reference: evaluate.
 
 def removed_price(supernet: Supernet, dense: list[LayerShape], budget: Budget) -> dict[Key, int]:
     """What each variant removes from its dense layer's price, in the budget's resolution (attention and
-    MLP add up independently)."""
+    MLP add up independently). Rounded down: summed over many blocks, rounding to the nearest could claim
+    more savings than there are and put the start candidate of a latency budget over its limit."""
     removed = {}
     for idx, units in enumerate(supernet.grid):
         for unit in units:
             for level in range(-supernet.levels, supernet.levels + 1):
                 cut = dense[idx].with_units(unit, supernet.keep(idx, unit, level))
-                removed[(idx, unit, level)] = round((budget.layer(dense[idx]) - budget.layer(cut)) / budget.resolution)
+                saved = budget.layer(dense[idx]) - budget.layer(cut)
+                removed[(idx, unit, level)] = math.floor(saved / budget.resolution)
     return removed
 
 
