@@ -16,6 +16,7 @@ from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
 
 from tests.conftest import tiny_llama
 from tests.test_cli import run_cli
+from tyrsearch.export.onnx_export import fp32_nodes, quantize_int8
 from tyrsearch.local import make_criterion
 from tyrsearch.materialize import save_pruned
 from tyrsearch.models import LayerShape, adapter_for
@@ -102,6 +103,23 @@ def test_weight_only_int8_keeps_the_perplexity(llama_shaped, tmp_path):
     assert "MatMulNBits" in types
 
 
+def _float_matmuls_on_weights(path) -> list[str]:
+    graph = onnx.load(str(path)).graph
+    weights = {t.name for t in graph.initializer}
+    return sorted(n.name for n in graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in weights)
+
+
+def test_dynamic_int8_keeps_only_the_mlp_down_projections_in_fp32(llama_shaped, tmp_path):
+    report = _export(llama_shaped, tmp_path / "d" / "model.onnx", "--int8")
+    assert report["verified"] and report["config"]["int8_method"] == "dynamic"
+    kept = fp32_nodes(onnx.load(str(tmp_path / "d" / "model.onnx"), load_external_data=False))
+    assert len(kept) == 3  # one down_proj per layer
+    assert _float_matmuls_on_weights(tmp_path / "d" / "model.int8.onnx") == sorted(kept)
+    quantize_int8(tmp_path / "d" / "model.onnx", tmp_path / "full.onnx", method="dynamic-full")
+    assert _float_matmuls_on_weights(tmp_path / "full.onnx") == []
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".quantize-")]
+
+
 def test_gemma3_kv_cache_export_generates_torchs_tokens(tokenizer, tmp_path_factory, tmp_path):
     report = _export(_folder(tmp_path_factory, tokenizer, "gemma3", shaped=True), tmp_path / "g" / "model.onnx",
                      "--kv-cache")
@@ -136,7 +154,7 @@ def test_runtime_runner_needs_no_torch_and_generates_torchs_tokens(llama_shaped,
     (["--model", "no/such/folder"], "--model no/such/folder not found"),
     (["--opset", "9"], "--opset 9 is not supported: choose 18 to 23"),
     (["--out", "x.txt"], "must name a .onnx file"),
-    (["--int8-method", "int4"], "--int8-method 'int4' is unknown: choose dynamic or weights"),
+    (["--int8-method", "int4"], "--int8-method 'int4' is unknown: choose dynamic, dynamic-full, weights"),
 ])
 def test_bad_export_input_is_one_line_exit_2(args, message, llama_shaped, tmp_path):
     base = {"--model": str(llama_shaped), "--out": str(tmp_path / "m.onnx")}

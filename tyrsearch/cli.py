@@ -407,7 +407,8 @@ def report_command(storage: str, study_name: str, out_file: Path) -> None:
 @click.option("--kv-cache", is_flag=True, help="the decoder graph with past key/values (for generation)")
 @click.option("--int8", is_flag=True, help="also write FILE.int8.onnx, verified too")
 @click.option("--int8-method", default="dynamic", show_default=True,
-              help="dynamic: int8 weights and activations (fastest, lossy); weights: 8-bit weight-only (near lossless)")
+              help="dynamic: int8 weights and activations, MLP down projections kept fp32; dynamic-full: those too "
+                   "(fastest, lossy); weights: 8-bit weight-only (near lossless, slow)")
 @click.option("--opset", default=18, show_default=True, type=int, help="ONNX opset (18 to 23)")
 @click.option("--last-only", is_flag=True, help="prefill graph: logits of the last position only")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object on stdout")
