@@ -243,7 +243,7 @@ def refit_down(acts: torch.Tensor, weights: torch.Tensor, target: torch.Tensor, 
 # One layer
 
 
-def _mlp_io(walker: LayerInputs, mlp: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+def mlp_io(walker: LayerInputs, mlp: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the walker's current layer once; return its MLP's inputs and outputs, each [T, H]."""
     inputs, outputs = [], []
 
@@ -264,8 +264,26 @@ def _tokens(hidden: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([h.reshape(-1, h.shape[-1]) for h in hidden])
 
 
-def _activations(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return F.silu(x @ mlp.gate_proj.weight.T) * (x @ mlp.up_proj.weight.T)  # [T, I]
+def gated_activations(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The MLP's neuron activations silu(gate x) * up x [T, I] for its inputs x [T, H]."""
+    return F.silu(x @ mlp.gate_proj.weight.T) * (x @ mlp.up_proj.weight.T)
+
+
+def expert_order(acts: torch.Tensor, *, experts: int, options: MoefyConfig, seed: int) -> torch.Tensor:
+    """A permutation of the I neurons: those of expert 0, then of expert 1, ... (balanced k-means on the
+    neurons' |activation| patterns over a sample of the tokens of acts [T, I])."""
+    gen = torch.Generator().manual_seed(seed)
+    sample = torch.randperm(acts.shape[0], generator=gen)[: options.cluster_tokens]
+    labels = balanced_kmeans(acts[sample].abs().T, experts, iters=options.kmeans_iters, seed=seed)
+    return labels.argsort(stable=True)
+
+
+def expert_scores(acts: torch.Tensor, down: torch.Tensor, experts: int) -> torch.Tensor:
+    """Each expert's contribution norm ||down_e a_e|| per token [T, E], from expert-ordered activations
+    acts [T, I] and down projection [H, I] (one expert at a time: [T, H])."""
+    size = acts.shape[1] // experts
+    return torch.stack([(acts[:, e * size:(e + 1) * size] @ down[:, e * size:(e + 1) * size].T).norm(dim=1)
+                        for e in range(experts)], dim=1)
 
 
 @torch.no_grad()
@@ -274,12 +292,9 @@ def _moefy_layer(mlp: nn.Module, block: nn.Module, x: torch.Tensor, target: torc
     """Fill the Mixtral block (router and experts) from the dense ``mlp``. x [T, H]: the MLP's calibration
     inputs; target [T, H]: what the block's output is refit to."""
     gate, up, down = mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight  # [I, H], [I, H], [H, I]
-    acts = _activations(mlp, x)
+    acts = gated_activations(mlp, x)
     size = acts.shape[1] // experts
-    gen = torch.Generator().manual_seed(seed)
-    sample = torch.randperm(acts.shape[0], generator=gen)[: options.cluster_tokens]
-    labels = balanced_kmeans(acts[sample].abs().T, experts, iters=options.kmeans_iters, seed=seed)
-    order = labels.argsort(stable=True)  # neurons of expert 0, then of expert 1, ...
+    order = expert_order(acts, experts=experts, options=options, seed=seed)
     acts, gate, up, down = acts[:, order], gate[order], up[order], down[:, order]
 
     experts_mod = block.experts
@@ -290,9 +305,7 @@ def _moefy_layer(mlp: nn.Module, block: nn.Module, x: torch.Tensor, target: torc
         experts_mod.down_proj.copy_(experts * down.view(down.shape[0], experts, size).transpose(0, 1))
         return
 
-    # Each expert's contribution norm per token, ||down_e a_e|| (one expert at a time: [T, H]).
-    scores = torch.stack([(acts[:, e * size:(e + 1) * size] @ down[:, e * size:(e + 1) * size].T).norm(dim=1)
-                          for e in range(experts)], dim=1)  # [T, E]
+    scores = expert_scores(acts, down, experts)  # [T, E]
     router = fit_router(x, scores, ridges=options.ridges, held_out=options.held_out)
     logits = x @ router.T
     spread = (logits - logits.mean(dim=1, keepdim=True)).std().clamp_min(1e-12)
@@ -339,7 +352,7 @@ def moefy(model: nn.Module, calibration_batches: torch.Tensor, *, experts: int, 
     dense_walker = LayerInputs(model, adapter, calibration_batches) if correcting else None
     dense_layers, moe_layers = adapter.layers(model), moe.model.layers
     for index in tqdm(range(len(dense_layers)), desc="moefy", disable=not progress, unit="layer"):
-        x, y = _mlp_io(walker, dense_layers[index].mlp)
+        x, y = mlp_io(walker, dense_layers[index].mlp)
         walker.advance(recompute=False)
         target = y
         if dense_walker is not None:
