@@ -3,11 +3,12 @@
 The winners' per-layer shapes come from benchmarks/results/search.json (the search benchmark); they are
 cut here by one-shot osscar to those shapes (the latency depends on the shapes alone; the weights differ
 a little from the search's own). Each model is exported twice (`tyrsearch export`): the prefill graph
-and the KV-cache decoder graph, each also as dynamic int8 (its default: MLP down projections kept fp32);
-the prefill graph also as dynamic-full int8 (everything quantized). Figures, per model:
+and the KV-cache decoder graph, each also as dynamic int8 (its default: the MLP down projections smoothed
+first); the prefill graph also as plain dynamic int8 (no smoothing), to show what smoothing buys. Figures,
+per model:
 
-- ONNX Runtime prefill latency at batch 1, seq 128 and 512 (median of --repeats), fp32, int8, int8-full,
-  and the held-out perplexity ratio of each int8 variant to fp32
+- ONNX Runtime prefill latency at batch 1, seq 128 and 512 (median of --repeats), fp32, int8 and plain
+  int8, and the held-out perplexity ratio of each int8 variant to fp32
 - decode tokens/s with the KV cache (64 greedy tokens after a 128-token prompt), fp32 and int8
 - torch eager on the same inputs (prefill latency, decode tokens/s with its cache)
 - file sizes, and the FLOP limit: dense FLOPs / pruned FLOPs per token (lm_head included)
@@ -116,27 +117,27 @@ def measure(label: str, folder: Path, repeats: int) -> dict:
                                              ] * config["num_hidden_layers"]
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     prefill_dir = RUNS / label / "prefill"
-    full = prefill_dir / "model.int8-full.onnx"
-    if not full.is_file():
-        quantize_int8(prefill_dir / "model.onnx", full, method="dynamic-full")
-    full_held_out = held_out_change(prefill_dir / "model.onnx", full, AutoTokenizer.from_pretrained(prefill_dir),
-                                    tokens=exports["prefill"]["config"]["ppl_tokens"])
+    plain = prefill_dir / "model.int8-plain.onnx"
+    if not plain.is_file():
+        quantize_int8(prefill_dir / "model.onnx", plain, method="dynamic")
+    plain_held_out = held_out_change(prefill_dir / "model.onnx", plain, AutoTokenizer.from_pretrained(prefill_dir),
+                                     tokens=exports["prefill"]["config"]["ppl_tokens"])
     ids = torch.randint(0, config["vocab_size"], (1, max(PREFILL)), generator=torch.Generator().manual_seed(0))
     row = {"label": label, "files_mb": {}, "prefill_ms": {}, "decode_tokens_per_s": {},
            "verified": all(e["verified"] for e in exports.values()),
            "int8_ppl_ratio": exports["prefill"]["int8_verification"]["held_out"]["ppl_ratio"],
-           "int8_full_ppl_ratio": full_held_out["ppl_ratio"],
+           "int8_plain_ppl_ratio": plain_held_out["ppl_ratio"],
            "flops_per_token": {seq: flops_per_token(config, layers, seq // 2) for seq in PREFILL}}
     for graph, report in exports.items():
         for name, size in report["files"].items():
             if name.endswith((".onnx", ".onnx.data")):
                 row["files_mb"][f"{graph}/{name}"] = size / 2**20
-    for precision, file in (("fp32", "model.onnx"), ("int8", "model.int8.onnx"), ("int8_full", full.name)):
+    for precision, file in (("fp32", "model.onnx"), ("int8", "model.int8.onnx"), ("int8_plain", plain.name)):
         prefill = Decoder.load(prefill_dir / file)
         for seq in PREFILL:
             x = ids[:, :seq].numpy()
             row["prefill_ms"][f"ort_{precision}_{seq}"] = 1000 * timed(lambda x=x, p=prefill: p.logits(x), repeats)
-        if precision != "int8_full":  # decode: the two exported graphs
+        if precision != "int8_plain":  # decode: the two exported graphs
             decoder = Decoder.load(RUNS / label / "kv" / file)
             row["decode_tokens_per_s"][f"ort_{precision}"] = decode_tokens_per_s(decoder.greedy,
                                                                                  ids[:, :PROMPT].numpy())
@@ -159,7 +160,7 @@ def table(results: dict) -> str:
     rows = results["models"]
     dense = rows[0]
     lines = ["| model | prefill 128 ms fp32 / int8 / torch | prefill 512 ms fp32 / int8 / torch | speedup 512 "
-             "(FLOP limit) | decode tok/s fp32 / int8 / torch | int8 ppl ratio | int8-full prefill 128 / 512 ms "
+             "(FLOP limit) | decode tok/s fp32 / int8 / torch | int8 ppl ratio | plain int8 prefill 128 / 512 ms "
              "(ppl ratio) | files MB fp32 / int8 |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -171,14 +172,15 @@ def table(results: dict) -> str:
                      f"{p['ort_fp32_512']:.1f} / {p['ort_int8_512']:.1f} / {p['torch_512']:.1f} | "
                      f"{dense['prefill_ms']['ort_fp32_512'] / p['ort_fp32_512']:.2f}x ({limit:.2f}x) | "
                      f"{d['ort_fp32']:.1f} / {d['ort_int8']:.1f} / {d['torch']:.1f} | {r['int8_ppl_ratio']:.3f} | "
-                     f"{p['ort_int8_full_128']:.1f} / {p['ort_int8_full_512']:.1f} ({r['int8_full_ppl_ratio']:.3f}) | "
+                     f"{p['ort_int8_plain_128']:.1f} / {p['ort_int8_plain_512']:.1f} "
+                     f"({r['int8_plain_ppl_ratio']:.3f}) | "
                      f"{fp32_mb:.0f} / {int8_mb:.0f} |")
     goals = results["goals"]
     return "\n".join(lines) + (
         f"\n\nGoals at 0.5: prefill speedup / FLOP limit {goals['prefill_vs_flop_limit']:.2f} (goal 0.9); decode "
         f"speedup {goals['decode_speedup']:.2f}x (goal 1.5x); int8 + pruning prefill "
-        f"{goals['int8_pruned_prefill']:.2f}x dense fp32 (goal 3x; int8-full "
-        f"{goals['int8_full_pruned_prefill']:.2f}x). ONNX Runtime on the CPUExecutionProvider with its default "
+        f"{goals['int8_pruned_prefill']:.2f}x dense fp32 (goal 3x; plain int8 "
+        f"{goals['int8_plain_pruned_prefill']:.2f}x). ONNX Runtime on the CPUExecutionProvider with its default "
         "threads (2 cores), batch 1; every export verified against torch (fp32 parity, greedy generation equal).\n")
 
 
@@ -198,7 +200,8 @@ def main() -> None:
     goals = {"prefill_vs_flop_limit": dense["prefill_ms"]["ort_fp32_512"] / half["prefill_ms"]["ort_fp32_512"] / limit,
              "decode_speedup": half["decode_tokens_per_s"]["ort_fp32"] / dense["decode_tokens_per_s"]["ort_fp32"],
              "int8_pruned_prefill": dense["prefill_ms"]["ort_fp32_512"] / half["prefill_ms"]["ort_int8_512"],
-             "int8_full_pruned_prefill": dense["prefill_ms"]["ort_fp32_512"] / half["prefill_ms"]["ort_int8_full_512"]}
+             "int8_plain_pruned_prefill": dense["prefill_ms"]["ort_fp32_512"]
+             / half["prefill_ms"]["ort_int8_plain_512"]}
     results = {"settings": {"prefill": PREFILL, "prompt": PROMPT, "new_tokens": NEW_TOKENS, "repeats": args.repeats},
                "environment": environment(), "models": rows, "goals": goals}
     save(NAME, results, table(results))

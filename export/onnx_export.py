@@ -2,7 +2,7 @@
 
     folder/                     what `tyrsearch export --out folder/model.onnx` writes (self-contained)
       model.onnx (+ .data)      prefill graph, or with kv_cache the decoder graph (see graphs.py)
-      model.int8.onnx           with int8: dynamic int8 weights (onnxruntime.quantization)
+      model.int8.onnx           with int8: int8 weights (onnxruntime.quantization; see quantize_int8)
       config.json, generation_config.json, tokenizer files, genai_config.json
       runtime.py                the torch-free runner (copied from runtime.py)
       export.json               what was written and the verification figures
@@ -15,6 +15,7 @@ with kv_cache a greedy generation in ONNX Runtime that must equal torch's `gener
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import tempfile
@@ -43,6 +44,7 @@ from tyrsearch.export.graphs import (
     past_names,
     present_names,
 )
+from tyrsearch.export.smoothing import smooth_down_projections
 
 MIN_OPSET, MAX_OPSET = 18, 23  # what the dynamo exporter writes and ONNX Runtime runs here
 SHAPES = ((1, 7), (3, 33))  # (batch, seq) of the parity inputs: unlike the traced (2, 16)
@@ -50,10 +52,7 @@ SHAPES = ((1, 7), (3, 33))  # (batch, seq) of the parity inputs: unlike the trac
 # figures are reported and it fails only when broken: non-finite logits, or held-out perplexity over 3x fp32's
 TOLERANCE = {"fp32": {"max_abs": 1e-2, "argmax": 0.99}, "int8": {"max_abs": float("inf"), "argmax": 0.0}}
 INT8_MAX_PPL_RATIO = 3.0
-INT8_METHODS = ("dynamic", "dynamic-full", "weights")
-# The MLP down projection's input (the gated activations) has a few huge channels; one int8 scale per
-# tensor there costs most of dynamic int8's quality (SmolLM2 held-out ppl x1.77 with them, x1.09 kept fp32).
-FP32_MODULES = ("down_proj",)
+INT8_METHODS = ("dynamic", "weights")
 
 
 @dataclass(frozen=True)
@@ -61,6 +60,8 @@ class ExportConfig:
     kv_cache: bool = False  # the decoder graph (past key/values in, present out) instead of the prefill graph
     int8: bool = False  # also write model.int8.onnx and verify it
     int8_method: str = "dynamic"  # see quantize_int8
+    int8_smooth: float = 0.75  # dynamic: SmoothQuant strength for the MLP down projections (0: none), smoothing.py
+    smooth_sequences: int = 16  # c4 sequences of 512 tokens whose activation peaks set the smoothing
     opset: int = 18
     last_only: bool = False  # prefill graph: logits of the last position only
     generate_tokens: int = 32  # greedy tokens compared with torch (kv_cache)
@@ -85,7 +86,9 @@ def load_for_export(folder: Path) -> tuple[PreTrainedModel, object]:
 def export(model_dir: Path, out_file: Path, config: ExportConfig) -> dict:
     """Export, write the folder around `out_file`, verify; returns the figures (also in export.json)."""
     if config.int8_method not in INT8_METHODS:
-        raise UserError(f"--int8-method {config.int8_method!r} is unknown: choose {', '.join(INT8_METHODS)}")
+        raise UserError(f"--int8-method {config.int8_method!r} is unknown: choose {' or '.join(INT8_METHODS)}")
+    if not 0 <= config.int8_smooth <= 1:
+        raise UserError(f"--int8-smooth {config.int8_smooth} must be between 0 (no smoothing) and 1")
     if not MIN_OPSET <= config.opset <= MAX_OPSET:
         raise UserError(f"--opset {config.opset} is not supported: choose {MIN_OPSET} to {MAX_OPSET}")
     if out_file.suffix != ".onnx":
@@ -109,9 +112,10 @@ def export(model_dir: Path, out_file: Path, config: ExportConfig) -> dict:
                   "verification": verify(model, tmp / out_file.name, config, precision="fp32")}
         if config.int8:
             int8_file = tmp / f"{out_file.stem}.int8.onnx"
-            quantize_int8(tmp / out_file.name, int8_file, method=config.int8_method)
+            smoothing = write_int8(model, tokenizer, tmp / out_file.name, int8_file, config)
             files.append(int8_file.name)
-            report["int8_verification"] = verify(model, int8_file, config, precision="int8")
+            report["int8_verification"] = {**verify(model, int8_file, config, precision="int8"),
+                                           "smoothing": smoothing}
             held_out = held_out_change(tmp / out_file.name, int8_file, tokenizer, tokens=config.ppl_tokens)
             report["int8_verification"]["held_out"] = held_out
             report["int8_verification"]["passed"] &= bool(held_out["ppl_ratio"] <= INT8_MAX_PPL_RATIO)
@@ -126,20 +130,15 @@ def export(model_dir: Path, out_file: Path, config: ExportConfig) -> dict:
 
 def quantize_int8(source: Path, target: Path, *, method: str) -> None:
     """dynamic: MatMuls on int8 weights (one scale per output channel) and per-tensor int8 activations,
-    except the MLP down projections (FP32_MODULES); dynamic-full: those too (fastest, lossy); weights:
-    MatMulNBits with 8-bit weights in blocks of 32 (near lossless, barely faster than fp32).
-
-    The dynamic methods run ONNX Runtime's pre-processing first (shape inference, graph optimisation), as
-    its quantization guide advises: on SmolLM2 the int8 prefill got 1.3x faster with it.
-    """
-    if method in ("dynamic", "dynamic-full"):
-        keep = fp32_nodes(onnx.load(str(source), load_external_data=False)) if method == "dynamic" else []
+    after ONNX Runtime's pre-processing (shape inference, graph optimisation), as its quantization guide
+    advises (on SmolLM2 the int8 prefill got 1.3x faster with it); weights: MatMulNBits with 8-bit
+    weights in blocks of 32 (near lossless, barely faster than fp32)."""
+    if method == "dynamic":
         with tempfile.TemporaryDirectory(dir=target.parent, prefix=".quantize-") as tmp:
             prepared = Path(tmp) / "prepared.onnx"
             quant_pre_process(source, prepared, save_as_external_data=True, all_tensors_to_one_file=True,
                               external_data_location=f"{prepared.name}.data")
-            quantize_dynamic(prepared, target, weight_type=QuantType.QInt8, per_channel=True,
-                             nodes_to_exclude=keep)
+            quantize_dynamic(prepared, target, weight_type=QuantType.QInt8, per_channel=True)
         return
     quantizer = MatMulNBitsQuantizer(onnx.load(str(source)), bits=8, block_size=32, is_symmetric=True,
                                      accuracy_level=4)
@@ -147,14 +146,22 @@ def quantize_int8(source: Path, target: Path, *, method: str) -> None:
     quantizer.model.save_model_to_file(str(target), use_external_data_format=False)
 
 
-def fp32_nodes(graph: onnx.ModelProto) -> list[str]:
-    """Nodes the dynamo exporter traced inside an FP32_MODULES module (from its name-scope metadata,
-    which pre-processing drops but the node names survive)."""
-    def scopes(node: onnx.NodeProto) -> str:
-        return next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), "")
-
-    return [node.name for node in graph.graph.node
-            if any(f".{module}'" in scopes(node) for module in FP32_MODULES)]
+def write_int8(model: PreTrainedModel, tokenizer, fp32_file: Path, int8_file: Path, config: ExportConfig) -> dict:
+    """Write `int8_file`. Dynamic int8 with smoothing quantizes the graph of a smoothed copy of the model
+    (the same function; see smoothing.py), otherwise the fp32 graph. Returns what was smoothed."""
+    if config.int8_method != "dynamic" or config.int8_smooth == 0:
+        quantize_int8(fp32_file, int8_file, method=config.int8_method)
+        return {"alpha": 0.0, "mlps": 0}
+    smoothed = copy.deepcopy(model)
+    calibration = data.calibration_batches(tokenizer, assets.read_text("c4"), seq_len=512,
+                                           count=config.smooth_sequences, seed=0)
+    mlps = smooth_down_projections(smoothed, calibration, alpha=config.int8_smooth)
+    with tempfile.TemporaryDirectory(dir=int8_file.parent, prefix=".smoothed-") as tmp:
+        source = Path(tmp) / fp32_file.name
+        write_graph(smoothed, source, config)
+        quantize_int8(source, int8_file, method="dynamic")
+    return {"alpha": config.int8_smooth, "mlps": mlps, "calibration": {"text": "c4", "sequences": len(calibration),
+                                                                       "seq_len": calibration.shape[1]}}
 
 
 def write_graph(model: PreTrainedModel, path: Path, config: ExportConfig) -> list[str]:

@@ -16,7 +16,6 @@ from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
 
 from tests.conftest import tiny_llama
 from tests.test_cli import run_cli
-from tyrsearch.export.onnx_export import fp32_nodes, quantize_int8
 from tyrsearch.local import make_criterion
 from tyrsearch.materialize import save_pruned
 from tyrsearch.models import LayerShape, adapter_for
@@ -109,15 +108,17 @@ def _float_matmuls_on_weights(path) -> list[str]:
     return sorted(n.name for n in graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in weights)
 
 
-def test_dynamic_int8_keeps_only_the_mlp_down_projections_in_fp32(llama_shaped, tmp_path):
+def test_dynamic_int8_quantizes_every_matmul_of_a_smoothed_graph(llama_shaped, tmp_path):
     report = _export(llama_shaped, tmp_path / "d" / "model.onnx", "--int8")
+    int8 = report["int8_verification"]
     assert report["verified"] and report["config"]["int8_method"] == "dynamic"
-    kept = fp32_nodes(onnx.load(str(tmp_path / "d" / "model.onnx"), load_external_data=False))
-    assert len(kept) == 3  # one down_proj per layer
-    assert _float_matmuls_on_weights(tmp_path / "d" / "model.int8.onnx") == sorted(kept)
-    quantize_int8(tmp_path / "d" / "model.onnx", tmp_path / "full.onnx", method="dynamic-full")
-    assert _float_matmuls_on_weights(tmp_path / "full.onnx") == []
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".quantize-")]
+    assert int8["smoothing"]["alpha"] == 0.75 and int8["smoothing"]["mlps"] == 3  # one per layer
+    assert int8["smoothing"]["calibration"] == {"text": "c4", "sequences": 16, "seq_len": 512}
+    assert _float_matmuls_on_weights(tmp_path / "d" / "model.onnx") and not _float_matmuls_on_weights(
+        tmp_path / "d" / "model.int8.onnx")  # every MatMul on a weight is int8 now
+    assert not [p for p in (tmp_path / "d").iterdir() if p.name.startswith(".")]  # temp graphs are gone
+    plain = _export(llama_shaped, tmp_path / "p" / "model.onnx", "--int8", "--int8-smooth", "0")
+    assert plain["verified"] and plain["int8_verification"]["smoothing"] == {"alpha": 0.0, "mlps": 0}
 
 
 def test_gemma3_kv_cache_export_generates_torchs_tokens(tokenizer, tmp_path_factory, tmp_path):
@@ -154,7 +155,8 @@ def test_runtime_runner_needs_no_torch_and_generates_torchs_tokens(llama_shaped,
     (["--model", "no/such/folder"], "--model no/such/folder not found"),
     (["--opset", "9"], "--opset 9 is not supported: choose 18 to 23"),
     (["--out", "x.txt"], "must name a .onnx file"),
-    (["--int8-method", "int4"], "--int8-method 'int4' is unknown: choose dynamic, dynamic-full, weights"),
+    (["--int8-method", "int4"], "--int8-method 'int4' is unknown: choose dynamic or weights"),
+    (["--int8-smooth", "1.5"], "--int8-smooth 1.5 must be between 0 (no smoothing) and 1"),
 ])
 def test_bad_export_input_is_one_line_exit_2(args, message, llama_shaped, tmp_path):
     base = {"--model": str(llama_shaped), "--out": str(tmp_path / "m.onnx")}

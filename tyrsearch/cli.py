@@ -407,20 +407,22 @@ def report_command(storage: str, study_name: str, out_file: Path) -> None:
 @click.option("--kv-cache", is_flag=True, help="the decoder graph with past key/values (for generation)")
 @click.option("--int8", is_flag=True, help="also write FILE.int8.onnx, verified too")
 @click.option("--int8-method", default="dynamic", show_default=True,
-              help="dynamic: int8 weights and activations, MLP down projections kept fp32; dynamic-full: those too "
-                   "(fastest, lossy); weights: 8-bit weight-only (near lossless, slow)")
+              help="dynamic: int8 weights and activations (fast); weights: 8-bit weight-only (near lossless, slow)")
+@click.option("--int8-smooth", default=0.75, show_default=True, type=float,
+              help="dynamic int8: SmoothQuant strength for the MLP down projections' outliers (0: none)")
 @click.option("--opset", default=18, show_default=True, type=int, help="ONNX opset (18 to 23)")
 @click.option("--last-only", is_flag=True, help="prefill graph: logits of the last position only")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object on stdout")
-def export_command(model_dir: Path, out_file: Path, kv_cache: bool, int8: bool, int8_method: str, opset: int,
-                   last_only: bool, as_json: bool) -> None:
+def export_command(model_dir: Path, out_file: Path, kv_cache: bool, int8: bool, int8_method: str, int8_smooth: float,
+                   opset: int, last_only: bool, as_json: bool) -> None:
     """Export a model folder to ONNX and verify it in ONNX Runtime against torch (exit 1 if the
     verification fails, with its figures)."""
     from tyrsearch.export.onnx_export import ExportConfig, export
 
     if not model_dir.is_dir():
         raise UserError(f"--model {model_dir} not found: give a model folder (from `tyrsearch prune` or `search`)")
-    config = ExportConfig(kv_cache=kv_cache, int8=int8, int8_method=int8_method, opset=opset, last_only=last_only)
+    config = ExportConfig(kv_cache=kv_cache, int8=int8, int8_method=int8_method, int8_smooth=int8_smooth,
+                          opset=opset, last_only=last_only)
     report = export(model_dir, out_file, config)
     _emit(report, as_json)
     if not report["verified"]:
