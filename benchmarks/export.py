@@ -9,7 +9,8 @@ per model:
 
 - ONNX Runtime prefill latency at batch 1, seq 128 and 512 (median of --repeats), fp32, int8 and plain
   int8, and the held-out perplexity ratio of each int8 variant to fp32
-- decode tokens/s with the KV cache (64 greedy tokens after a 128-token prompt), fp32 and int8
+- decode tokens/s with the KV cache (64 greedy tokens after a 128-token prompt; medians of --repeats), fp32
+  and int8
 - torch eager on the same inputs (prefill latency, decode tokens/s with its cache)
 - file sizes, and the FLOP limit: dense FLOPs / pruned FLOPs per token (lm_head included)
 
@@ -84,14 +85,12 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def decode_tokens_per_s(step_all, prompt: np.ndarray) -> float:
-    """New tokens per second of greedy decoding after the prompt (the prefill step not counted)."""
-    tic = time.perf_counter()
-    step_all(prompt, 1)
-    prefill = time.perf_counter() - tic
-    tic = time.perf_counter()
-    step_all(prompt, NEW_TOKENS + 1)
-    return NEW_TOKENS / max(1e-9, time.perf_counter() - tic - prefill)
+def decode_tokens_per_s(step_all, prompt: np.ndarray, repeats: int) -> float:
+    """New tokens per second of greedy decoding after the prompt (the prefill step not counted), from the
+    median times of `repeats` runs with and without the new tokens."""
+    prefill = timed(lambda: step_all(prompt, 1), repeats)
+    whole = timed(lambda: step_all(prompt, NEW_TOKENS + 1), repeats)
+    return NEW_TOKENS / max(1e-9, whole - prefill)
 
 
 def flops_per_token(config: dict, layers: list[dict], context: int) -> float:
@@ -140,7 +139,7 @@ def measure(label: str, folder: Path, repeats: int) -> dict:
         if precision != "int8_plain":  # decode: the two exported graphs
             decoder = Decoder.load(RUNS / label / "kv" / file)
             row["decode_tokens_per_s"][f"ort_{precision}"] = decode_tokens_per_s(decoder.greedy,
-                                                                                 ids[:, :PROMPT].numpy())
+                                                                                 ids[:, :PROMPT].numpy(), repeats)
     with torch.inference_mode():
         for seq in PREFILL:
             x = ids[:, :seq]
@@ -151,7 +150,7 @@ def measure(label: str, folder: Path, repeats: int) -> dict:
             model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=new,
                            min_new_tokens=new, pad_token_id=0)
 
-        row["decode_tokens_per_s"]["torch"] = decode_tokens_per_s(torch_greedy, ids[:, :PROMPT].numpy())
+        row["decode_tokens_per_s"]["torch"] = decode_tokens_per_s(torch_greedy, ids[:, :PROMPT].numpy(), repeats)
     print(json.dumps({k: row[k] for k in ("label", "prefill_ms", "decode_tokens_per_s")}), flush=True)
     return row
 
