@@ -28,7 +28,6 @@ import onnx
 import onnxruntime as ort
 import torch
 from onnxruntime.quantization import QuantType, quantize_dynamic
-from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 from onnxruntime.quantization.shape_inference import quant_pre_process
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
@@ -140,6 +139,10 @@ def quantize_int8(source: Path, target: Path, *, method: str) -> None:
                               external_data_location=f"{prepared.name}.data")
             quantize_dynamic(prepared, target, weight_type=QuantType.QInt8, per_channel=True)
         return
+    # imported here: on import this module sets the root logger to INFO, and every later quantization
+    # would print hundreds of notes
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
     quantizer = MatMulNBitsQuantizer(onnx.load(str(source)), bits=8, block_size=32, is_symmetric=True,
                                      accuracy_level=4)
     quantizer.process()
