@@ -12,6 +12,16 @@ relative error ||y_k - y|| / ||y|| of the MLP output y when a token runs only it
 no refit), chosen by moefy's fitted router, and by an oracle that knows every expert's contribution norm;
 and the router's recall of the oracle's experts.
 
+Then training: `tyrsearch distill` of the (8, 2) MoE towards the dense model (KL on c4 windows of 256
+tokens, 4 per step, only the experts and routers train) for DISTILL_STEPS steps; held-out ppl before
+and after. Resumable: a rerun continues from the last checkpoint.
+
+Last, bounds that no router can beat without changing the weights: held-out ppl of the dense model when
+each MLP keeps, per token, only (a) its neurons with the largest contributions |a_j| ||W_down[:, j]||
+(the neuron oracle: any split into experts is coarser), or (b) the experts of moefy's split (clustered on
+the dense model's activations, c4 32 x 512 tokens) with the largest contribution norms, at weight 1 and
+without moefy's refit (the expert oracle), at several granularities.
+
     .venv/bin/python benchmarks/moefy.py     # resumable; about 15 minutes per configuration on 2 cores
 """
 
@@ -27,9 +37,9 @@ import torch
 from report import ROOT, environment, load, save
 from tqdm.auto import tqdm
 
-from tyrsearch import assets
+from tyrsearch import assets, evaluate
 from tyrsearch.calibration import LayerInputs
-from tyrsearch.data import calibration_batches
+from tyrsearch.data import calibration_batches, eval_batches
 from tyrsearch.models import adapter_for
 from tyrsearch.moe.moefy import MoefyConfig, expert_order, expert_scores, fit_router, gated_activations, mlp_io
 
@@ -37,19 +47,42 @@ NAME = "moefy"
 RUNS = ROOT / "runs" / "bench-moefy"
 CONFIGS = ((8, 2), (16, 4), (8, 4), (8, 6))  # 25% active at two granularities, then 50% and 75%
 GOAL = 1.3
+DISTILL_STEPS = 600
+NEURON_SHARES = (0.25, 0.5, 0.75)
+SPLITS = ((8, 2), (32, 8), (128, 32), (8, 4), (8, 6))  # 25% active ever finer, then 50% and 75%
+
+
+def _tyrsearch(*args: str) -> dict:
+    """Run a tyrsearch command with --json; its result."""
+    done = subprocess.run([sys.executable, "-m", "tyrsearch.cli", *args, "--json"], capture_output=True, text=True,
+                          env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    if done.returncode != 0:
+        raise SystemExit(f"tyrsearch {args[0]} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout)
 
 
 def moefied(experts: int, top_k: int) -> dict:
     if (experts, top_k) == (8, 2) and (row := load("stun").get("rows", {}).get("moe")):
         return {**row["moefy"], "seconds": row["seconds"], "from": "results/stun.json"}
     tic = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "tyrsearch.cli", "moefy", "--model", "smollm2-135m", "--experts",
-                           str(experts), "--top-k", str(top_k), "--out", str(RUNS / f"e{experts}-k{top_k}"),
-                           "--overwrite", "--json"], capture_output=True, text=True,
-                          env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-    if done.returncode != 0:
-        raise SystemExit(f"moefy {experts} / {top_k} failed:\n{done.stderr[-3000:]}")
-    return {**json.loads(done.stdout), "seconds": time.perf_counter() - tic}
+    result = _tyrsearch("moefy", "--model", "smollm2-135m", "--experts", str(experts), "--top-k", str(top_k),
+                        "--out", str(RUNS / f"e{experts}-k{top_k}"), "--overwrite")
+    return {**result, "seconds": time.perf_counter() - tic}
+
+
+def distilled() -> dict:
+    """`tyrsearch distill` of the (8, 2) MoE (moefied here first if it is not on disk)."""
+    student = RUNS / "e8-k2"
+    if not (student / "config.json").is_file():
+        _tyrsearch("moefy", "--model", "smollm2-135m", "--experts", "8", "--top-k", "2", "--out", str(student),
+                   "--overwrite", "--eval-tokens", "0")
+    out = RUNS / "e8-k2-distilled"
+    if (out / "result.json").is_file():  # finished, but not yet recorded here
+        return json.loads((out / "result.json").read_text())
+    tic = time.perf_counter()
+    result = _tyrsearch("distill", "--teacher", "smollm2-135m", "--student", str(student), "--out", str(out),
+                        "--steps", str(DISTILL_STEPS))  # resumes from out's checkpoints if interrupted
+    return {**result, "seconds": time.perf_counter() - tic}
 
 
 def output_error(acts: torch.Tensor, down: torch.Tensor, y: torch.Tensor, chosen: torch.Tensor, experts: int) -> float:
@@ -85,7 +118,81 @@ def routing_check(experts: int = 8, top_k: int = 2) -> dict:
     return {"experts": experts, "top_k": top_k, "layers": layers}
 
 
-def markdown(rows: dict, routing: dict) -> str:
+def _split_orders(calibration: torch.Tensor, model, adapter) -> list[dict[int, torch.Tensor]]:
+    """Per layer, for each expert count of SPLITS: moefy's neuron order [I] (expert 0's neurons first)."""
+    options, orders = MoefyConfig(), []
+    walker = LayerInputs(model, adapter, calibration)
+    for index, layer in enumerate(tqdm(adapter.layers(model), desc="expert splits", unit="layer")):
+        x, _ = mlp_io(walker, layer.mlp)
+        walker.advance(recompute=False)
+        acts = gated_activations(layer.mlp, x)
+        orders.append({experts: expert_order(acts, experts=experts, options=options, seed=index)
+                       for experts in sorted({e for e, _ in SPLITS})})
+    return orders
+
+
+def _keep_neurons(share: float, down: torch.Tensor):
+    """A pre-hook for down_proj that zeroes, per token, all but the ``share`` of neurons with the largest
+    contributions |a_j| ||W_down[:, j]||."""
+    column_norms = down.norm(dim=0)  # [I]
+
+    def hook(module, args):
+        acts = args[0]  # [b, L, I]
+        index = (acts.abs() * column_norms).topk(round(share * acts.shape[-1]), dim=-1).indices
+        return (torch.zeros_like(acts).scatter_(-1, index, acts.gather(-1, index)),)
+    return hook
+
+
+def _keep_experts(order: torch.Tensor, experts: int, top_k: int, down: torch.Tensor):
+    """A pre-hook for down_proj that zeroes, per token, the neurons of all but the ``top_k`` experts whose
+    outputs have the largest norms; ``order`` [I] lists expert 0's neurons, then expert 1's, ..."""
+    size = order.numel() // experts
+    down = down[:, order]  # [H, I], expert-ordered
+
+    def hook(module, args):
+        acts = args[0][..., order]  # [b, L, I], expert-ordered
+        per_expert = acts.unflatten(-1, (experts, size))  # [b, L, E, m]
+        norms = torch.einsum("blem,hem->bleh", per_expert, down.unflatten(1, (experts, size))).norm(dim=-1)  # [b, L, E]
+        chosen = torch.zeros_like(norms).scatter_(-1, norms.topk(top_k, dim=-1).indices, 1.0)
+        kept = torch.zeros_like(acts)
+        kept[..., order] = acts * chosen.repeat_interleave(size, dim=-1)
+        return (kept,)
+    return hook
+
+
+def _ppl_with(model, adapter, batches: torch.Tensor, hooks: list) -> float:
+    handles = [layer.mlp.down_proj.register_forward_pre_hook(hook)
+               for layer, hook in zip(adapter.layers(model), hooks, strict=True)]
+    try:
+        return evaluate.perplexity(model, batches, progress=False)["ppl"]
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def oracle_bounds() -> dict:
+    """Held-out ppl of the dense model with the neuron oracle at each of NEURON_SHARES and the expert
+    oracle at each of SPLITS."""
+    model, tokenizer = assets.load_model("smollm2-135m")
+    adapter = adapter_for(model)
+    held_out = eval_batches(tokenizer, assets.read_text("wiki-summaries"), seq_len=512, max_tokens=16384)
+    downs = [layer.mlp.down_proj.weight for layer in adapter.layers(model)]
+    dense = evaluate.perplexity(model, held_out, progress=False)["ppl"]
+    bounds = {"dense_ppl": dense, "neurons": {}, "experts": {}}
+    for share in tqdm(NEURON_SHARES, desc="neuron oracle"):
+        ppl = _ppl_with(model, adapter, held_out, [_keep_neurons(share, down) for down in downs])
+        bounds["neurons"][f"{share:g}"] = {"ppl": ppl, "ppl_ratio": ppl / dense}
+    calibration = calibration_batches(tokenizer, assets.read_text("c4"), seq_len=512, count=32, seed=0)
+    orders = _split_orders(calibration, model, adapter)
+    for experts, top_k in tqdm(SPLITS, desc="expert oracle"):
+        ppl = _ppl_with(model, adapter, held_out, [_keep_experts(layer[experts], experts, top_k, down)
+                                                   for layer, down in zip(orders, downs, strict=True)])
+        bounds["experts"][f"{experts}/{top_k}"] = {"ppl": ppl, "ppl_ratio": ppl / dense}
+    return bounds
+
+
+def markdown(rows: dict, routing: dict, bounds: dict, distilled: dict | None) -> str:
     lines = ["| experts | top-k | neurons active | active params | held-out ppl | ratio to dense | wall s |",
              "|---|---|---|---|---|---|---|"]
     for row in rows.values():
@@ -100,13 +207,28 @@ def markdown(rows: dict, routing: dict) -> str:
         return sum(layer[key] for layer in layers) / len(layers)
 
     worst = max(range(len(layers)), key=lambda i: layers[i]["oracle_error"])
-    return "\n".join(lines) + (
-        f"\n\nDense SmolLM2: held-out ppl {dense:.2f} (wiki-summaries, 16384 tokens at seq 512). Within "
-        f"{GOAL}x of it: {', '.join(met) or 'none'}. Routing check at {routing['experts']} experts / top-"
-        f"{routing['top_k']}, MLP output error without refit, mean over the {len(layers)} layers: fitted router "
-        f"{mean('router_error'):.3f}, oracle {mean('oracle_error'):.3f} (worst layer {worst}: "
-        f"{layers[worst]['router_error']:.3f} / {layers[worst]['oracle_error']:.3f}); router recall of the "
-        f"oracle's experts {mean('recall'):.2f}.\n")
+    text = [
+        "\n".join(lines),
+        f"Dense SmolLM2: held-out ppl {dense:.2f} (wiki-summaries, 16384 tokens at seq 512). Within {GOAL}x of it: "
+        f"{', '.join(met) or 'none'}. Routing check at {routing['experts']} experts / top-{routing['top_k']}, MLP "
+        f"output error without refit, mean over the {len(layers)} layers: fitted router {mean('router_error'):.3f}, "
+        f"oracle {mean('oracle_error'):.3f} (worst layer {worst}: {layers[worst]['router_error']:.3f} / "
+        f"{layers[worst]['oracle_error']:.3f}); router recall of the oracle's experts {mean('recall'):.2f}.",
+    ]
+    if distilled:
+        text.append(f"Distilled (`tyrsearch distill`, {distilled['steps']} steps, {distilled['train_tokens']} c4 "
+                    f"tokens, {distilled['train_s'] / 60:.0f} min): 8 / 2 held-out ppl "
+                    f"{distilled['student_ppl_before']:.2f} -> {distilled['student_ppl']:.2f}, "
+                    f"{distilled['ppl_ratio_before']:.2f}x -> {distilled['ppl_ratio']:.2f}x the dense model's.")
+    text.append("Bounds without refit, held-out ppl ratio to dense: the neuron oracle keeps per token the neurons "
+                "with the largest contributions; the expert oracle keeps the experts of moefy's split with the "
+                "largest output norms.")
+    text.append("\n".join(["| kept per token | ratio to dense |", "|---|---|"]
+                          + [f"| top {float(share):.0%} of neurons | {row['ppl_ratio']:.2f}x |"
+                             for share, row in bounds["neurons"].items()]
+                          + [f"| top {key.split('/')[1]} of {key.split('/')[0]} experts | {row['ppl_ratio']:.2f}x |"
+                             for key, row in bounds["experts"].items()]))
+    return "\n\n".join(text) + "\n"
 
 
 def main() -> None:
@@ -120,8 +242,14 @@ def main() -> None:
             save(NAME, data, "")
     if "routing" not in data:
         data["routing"] = routing_check()
+        save(NAME, data, "")
+    if "bounds" not in data:
+        data["bounds"] = oracle_bounds()
+        save(NAME, data, "")
+    if "distilled" not in data:
+        data["distilled"] = distilled()
     data["environment"] = environment()
-    save(NAME, data, markdown(rows, data["routing"]))
+    save(NAME, data, markdown(rows, data["routing"], data["bounds"], data["distilled"]))
 
 
 if __name__ == "__main__":

@@ -842,6 +842,80 @@ def moefy_command(model_ref: str, experts: int, top_k: int, out_dir: Path, calib
     _emit(result, as_json)
 
 
+@cli.command("distill")
+@click.option("--teacher", "teacher_ref", required=True,
+              help=f"the dense model the student was made from: {MODEL_HELP}")
+@click.option("--student", "student_ref", required=True, help="the moefied or pruned model folder to train")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
+              help="folder for the trained student and result.json; checkpoints go to OUT.checkpoints/ meanwhile")
+@click.option("--steps", default=500, show_default=True, type=click.IntRange(min=1), help="optimizer steps")
+@click.option("--batch-size", default=4, show_default=True, type=click.IntRange(min=1), help="windows per step")
+@click.option("--seq-len", default=256, show_default=True, type=click.IntRange(min=2), help="tokens per window")
+@click.option("--lr", default=1e-3, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="peak learning rate (AdamW, linear warmup, cosine decay)")
+@click.option("--warmup", default=20, show_default=True, type=click.IntRange(min=0), help="warmup steps")
+@click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--train", default="mlp", show_default=True, type=click.Choice(["mlp", "all"]),
+              help="mlp: only the MLP / MoE blocks (experts and routers) train; all: every weight")
+@click.option("--text", "text_source", default="c4", show_default=True, help=f"training text: {TEXT_HELP}")
+@click.option("--save-every", default=50, show_default=True, type=click.IntRange(min=1),
+              help="steps between checkpoints (a rerun resumes from the last)")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--eval-text", default="wiki-summaries", show_default=True,
+              help=f"held-out text for the perplexities before and after: {TEXT_HELP}")
+@click.option("--eval-tokens", default=16384, show_default=True, type=click.IntRange(min=0),
+              help="tokens of --eval-text (0: skip)")
+@click.option("--overwrite", is_flag=True, help="replace --out and drop OUT.checkpoints/ (start over)")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object on stdout")
+def distill_command(teacher_ref: str, student_ref: str, out_dir: Path, steps: int, batch_size: int, seq_len: int,
+                    lr: float, warmup: int, temperature: float, train: str, text_source: str, save_every: int,
+                    seed: int, eval_text: str, eval_tokens: int, overwrite: bool, as_json: bool) -> None:
+    """Train a moefied or pruned student to match its dense teacher's next-token distributions (KL), on
+    --text, with checkpoints: interrupted, the same command resumes where it stopped."""
+    import contextlib
+    import shutil
+
+    from tyrsearch import assets, data, evaluate
+    from tyrsearch.distill import DistillConfig, check_pair, distill, save_student
+
+    _check_out_dir(out_dir, overwrite=overwrite)
+    checkpoints = out_dir.with_name(out_dir.name + ".checkpoints")
+    config = DistillConfig(steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, temperature=temperature,
+                           train=train, save_every=save_every, seed=seed)
+    text = assets.read_text(text_source)
+    held_out = assets.read_text(eval_text) if eval_tokens else None
+    student_dir = assets.resolve_model(student_ref)
+    teacher, tokenizer = assets.load_model(teacher_ref)
+    student, _ = assets.load_model(str(student_dir))
+    check_pair(teacher, student)
+    windows = data.eval_batches(tokenizer, text, seq_len=seq_len, max_tokens=len(text) + seq_len)  # all of it
+    if windows.shape[0] < batch_size:
+        raise UserError(f"--text {text_source} holds {windows.shape[0]} windows of {seq_len} tokens, fewer than "
+                        f"--batch-size {batch_size}: give more text or a smaller --seq-len / --batch-size")
+    if overwrite and checkpoints.exists():
+        shutil.rmtree(checkpoints)
+    eval_batches = data.eval_batches(tokenizer, held_out, seq_len=512, max_tokens=eval_tokens) if held_out else None
+    result = {"teacher": teacher_ref, "student": str(student_dir), "out": str(out_dir), "steps": steps,
+              "train_tokens": steps * batch_size * seq_len, "text": text_source, "text_windows": windows.shape[0]}
+    if eval_batches is not None:
+        result.update(eval_text=eval_text, teacher_ppl=evaluate.perplexity(teacher, eval_batches)["ppl"],
+                      student_ppl_before=evaluate.perplexity(student, eval_batches)["ppl"])
+    start = time.perf_counter()
+    with contextlib.redirect_stdout(sys.stderr):  # Trainer prints its logs; stdout carries only the result
+        history = distill(teacher, student, windows, checkpoints, config=config,
+                          settings={"teacher": teacher_ref, "student": str(student_dir), "text": text_source,
+                                    "seq_len": seq_len})
+    result["train_s"] = round(time.perf_counter() - start, 1)  # this run's share, when resumed
+    result["loss"] = [{"step": row["step"], "loss": row["loss"]} for row in history if "loss" in row]
+    if eval_batches is not None:
+        after = evaluate.perplexity(student, eval_batches)["ppl"]
+        result.update(student_ppl=after, ppl_ratio_before=result["student_ppl_before"] / result["teacher_ppl"],
+                      ppl_ratio=after / result["teacher_ppl"])
+    save_student(student, student_dir, out_dir, result=result)
+    shutil.rmtree(checkpoints)
+    _emit(result, as_json)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors become one line on stderr and exit status 2."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

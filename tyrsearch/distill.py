@@ -1,0 +1,164 @@
+"""Knowledge distillation: train a student (a moefied or pruned model) to match its dense teacher.
+
+The loss is KL(teacher || student) of the next-token distributions over the full vocabulary, mean over
+positions. Only the student's MLPs (Mixtral experts and routers, or pruned gate/up/down) train by default:
+they are what moefy and the pruners changed; attention, norms and embeddings stay the teacher's.
+
+transformers' Trainer runs the loop: AdamW with warmup and cosine decay, shuffled windows of the training
+text, checkpoints in ``CHECKPOINTS`` every ``save_every`` steps (weights as safetensors; optimizer,
+scheduler and RNG state that it reloads with ``torch.load(weights_only=True)``), and resuming from the
+last one, with the same data order, after an interruption.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+
+from tyrsearch.atomic import atomic_folder
+from tyrsearch.errors import UserError
+
+TRAINABLE = ("mlp", "all")
+SETTINGS = "distill.json"  # in the checkpoint folder: the settings a resumed run must share
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """How the student is trained; a resumed run must use the same settings."""
+
+    steps: int = 500
+    batch_size: int = 4
+    lr: float = 1e-3
+    warmup: int = 20
+    temperature: float = 1.0
+    train: str = "mlp"  # "mlp": the MLP / MoE blocks only; "all": every student weight
+    save_every: int = 50
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.train not in TRAINABLE:
+            raise UserError(f"--train {self.train!r}: choose one of {', '.join(TRAINABLE)}")
+
+
+class _Windows(torch.utils.data.Dataset):
+    """Token windows [n, L] as Trainer samples."""
+
+    def __init__(self, windows: torch.Tensor) -> None:
+        self.windows = windows
+
+    def __len__(self) -> int:
+        return self.windows.shape[0]
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.windows[index]}
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(teacher || student) per position, averaged; logits [b, L, V]. Scaled by T^2 so that the
+    gradient's size does not depend on the temperature (Hinton et al.)."""
+    vocab = student_logits.shape[-1]
+    student = F.log_softmax(student_logits.reshape(-1, vocab).float() / temperature, dim=-1)  # [b*L, V]
+    teacher = F.log_softmax(teacher_logits.reshape(-1, vocab).float() / temperature, dim=-1)
+    return F.kl_div(student, teacher, log_target=True, reduction="batchmean") * temperature**2
+
+
+class _Distiller(Trainer):
+    """A Trainer whose loss is the distillation loss to a frozen teacher."""
+
+    def __init__(self, *, teacher: nn.Module, temperature: float, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.teacher, self.temperature = teacher, temperature
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        ids = inputs["input_ids"]
+        with torch.no_grad():
+            teacher_logits = self.teacher(input_ids=ids).logits
+        outputs = model(input_ids=ids)
+        loss = distillation_loss(outputs.logits, teacher_logits, self.temperature)
+        return (loss, outputs) if return_outputs else loss
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        # Trainer loads the checkpoint's tensors by name, but save_pretrained wrote some models (Mixtral:
+        # experts.N.w1 ...) in their original layout, so nothing would load; from_pretrained converts back.
+        model = model or self.model
+        saved = type(model).from_pretrained(resume_from_checkpoint, dtype=next(model.parameters()).dtype)
+        model.load_state_dict(saved.state_dict())
+
+
+def trainable_names(student: nn.Module, train: str) -> list[str]:
+    """The student's parameters that ``train`` ("mlp" or "all") lets the optimizer change."""
+    names = [name for name, _ in student.named_parameters()]
+    return names if train == "all" else [name for name in names if ".mlp." in name]
+
+
+def check_pair(teacher: nn.Module, student: nn.Module) -> None:
+    """Raise a UserError unless the student predicts over the teacher's vocabulary."""
+    vocab_t, vocab_s = teacher.get_output_embeddings().weight.shape[0], student.get_output_embeddings().weight.shape[0]
+    if vocab_t != vocab_s:
+        raise UserError(f"the teacher predicts over {vocab_t} tokens and the student over {vocab_s}: distillation "
+                        "needs the same vocabulary; pass the dense model the student was made from")
+
+
+def _check_resumable(checkpoints: Path, settings: dict) -> None:
+    saved = checkpoints / SETTINGS
+    if saved.exists() and (before := json.loads(saved.read_text())) != settings:
+        changed = sorted(key for key in settings.keys() | before.keys() if settings.get(key) != before.get(key))
+        raise UserError(f"{checkpoints} holds checkpoints of a distillation with other settings ({', '.join(changed)}"
+                        " differ); rerun with the same settings to resume, or pass --overwrite to start over")
+
+
+def distill(teacher: nn.Module, student: nn.Module, windows: torch.Tensor, checkpoints: str | Path, *,
+            config: DistillConfig, settings: dict | None = None, progress: bool = True,
+            callbacks: list[TrainerCallback] | None = None) -> list[dict]:
+    """Train ``student`` in place towards ``teacher`` on token windows [n, L] for ``config.steps`` steps,
+    resuming from the last checkpoint in ``checkpoints`` if there is one. ``settings`` (JSON-able, with
+    the config) must equal those of the run that wrote the checkpoints. Returns Trainer's log history
+    (the loss every 10 steps, or every checkpoint if more often)."""
+    check_pair(teacher, student)
+    checkpoints = Path(checkpoints)
+    settings = {**(settings or {}), **asdict(config)}
+    _check_resumable(checkpoints, settings)
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    (checkpoints / SETTINGS).write_text(json.dumps(settings, indent=2) + "\n")
+
+    teacher.eval().requires_grad_(False)
+    keep = set(trainable_names(student, config.train))
+    if not keep:
+        raise UserError("the student has no MLP weights (named *.mlp.*) to train: pass --train all")
+    for name, param in student.named_parameters():
+        param.requires_grad_(name in keep)
+    args = TrainingArguments(
+        output_dir=str(checkpoints), max_steps=config.steps, per_device_train_batch_size=config.batch_size,
+        learning_rate=config.lr, lr_scheduler_type="cosine", warmup_steps=config.warmup, weight_decay=0.0,
+        save_strategy="steps", save_steps=config.save_every, save_total_limit=1,
+        logging_steps=min(10, config.save_every),
+        report_to="none", seed=config.seed, data_seed=config.seed, disable_tqdm=not progress,
+        dataloader_num_workers=0, remove_unused_columns=False,
+    )
+    teacher.to(args.device)  # Trainer moves the student
+    trainer = _Distiller(teacher=teacher, temperature=config.temperature, model=student, args=args,
+                         train_dataset=_Windows(windows), callbacks=callbacks)
+    trainer.train(resume_from_checkpoint=get_last_checkpoint(str(checkpoints)))
+    student.eval().requires_grad_(False)
+    return trainer.state.log_history
+
+
+def save_student(student: nn.Module, source: str | Path, out_dir: str | Path, *, result: dict) -> Path:
+    """Write the trained student to ``out_dir`` atomically: the ``source`` folder's tokenizer and code
+    files (a pruned model's modeling file), the student's config and weights, and ``result.json``."""
+    out_dir = Path(out_dir)
+    with atomic_folder(out_dir) as tmp:
+        for path in Path(source).iterdir():
+            if path.is_file() and path.suffix not in (".safetensors", ".bin") and path.name != "result.json":
+                shutil.copy(path, tmp / path.name)
+        student.save_pretrained(tmp)
+        (tmp / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    return out_dir
