@@ -854,7 +854,8 @@ def moefy_command(model_ref: str, experts: int, top_k: int, out_dir: Path, calib
 @click.option("--lr", default=1e-3, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="peak learning rate (AdamW, linear warmup, cosine decay)")
 @click.option("--warmup", default=20, show_default=True, type=click.IntRange(min=0), help="warmup steps")
-@click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="softmax temperature of both distributions (the loss is scaled by its square)")
 @click.option("--train", default="mlp", show_default=True, type=click.Choice(["mlp", "all"]),
               help="mlp: only the MLP / MoE blocks (experts and routers) train; all: every weight")
 @click.option("--text", "text_source", default="c4", show_default=True, help=f"training text: {TEXT_HELP}")
