@@ -184,3 +184,13 @@ def test_bad_distill_input_is_one_line_exit_2_and_writes_nothing(overrides, mess
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.checkpoints").exists()
+
+
+def test_distill_command_refuses_checkpoints_of_other_settings_before_any_work(folders, text_file, tmp_path):
+    checkpoints = tmp_path / "out.checkpoints"
+    checkpoints.mkdir()
+    (checkpoints / "distill.json").write_text(json.dumps({"lr": 0.5}))
+    result = run_cli(*_distill_args(folders, text_file, tmp_path / "out"))
+    assert result.returncode == 2 and "other settings" in result.stderr and "pass --overwrite" in result.stderr
+    assert json.loads((checkpoints / "distill.json").read_text()) == {"lr": 0.5}
+    assert not (tmp_path / "out").exists()

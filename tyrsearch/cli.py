@@ -877,15 +877,18 @@ def distill_command(teacher_ref: str, student_ref: str, out_dir: Path, steps: in
     import shutil
 
     from tyrsearch import assets, data, evaluate
-    from tyrsearch.distill import DistillConfig, check_pair, distill, save_student
+    from tyrsearch.distill import DistillConfig, check_pair, check_resumable, distill, save_student
 
     _check_out_dir(out_dir, overwrite=overwrite)
     checkpoints = out_dir.with_name(out_dir.name + ".checkpoints")
     config = DistillConfig(steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, temperature=temperature,
                            train=train, save_every=save_every, seed=seed)
+    student_dir = assets.resolve_model(student_ref)
+    settings = {"teacher": teacher_ref, "student": str(student_dir), "text": text_source, "seq_len": seq_len}
+    if not overwrite:
+        check_resumable(checkpoints, config, settings)  # before the long work, not after the first evaluations
     text = assets.read_text(text_source)
     held_out = assets.read_text(eval_text) if eval_tokens else None
-    student_dir = assets.resolve_model(student_ref)
     teacher, tokenizer = assets.load_model(teacher_ref)
     student, _ = assets.load_model(str(student_dir))
     check_pair(teacher, student)
@@ -893,7 +896,7 @@ def distill_command(teacher_ref: str, student_ref: str, out_dir: Path, steps: in
     if windows.shape[0] < batch_size:
         raise UserError(f"--text {text_source} holds {windows.shape[0]} windows of {seq_len} tokens, fewer than "
                         f"--batch-size {batch_size}: give more text or a smaller --seq-len / --batch-size")
-    if overwrite and checkpoints.exists():
+    if overwrite and checkpoints.exists():  # only once the input is known to be good
         shutil.rmtree(checkpoints)
     eval_batches = data.eval_batches(tokenizer, held_out, seq_len=512, max_tokens=eval_tokens) if held_out else None
     result = {"teacher": teacher_ref, "student": str(student_dir), "out": str(out_dir), "steps": steps,
@@ -903,9 +906,7 @@ def distill_command(teacher_ref: str, student_ref: str, out_dir: Path, steps: in
                       student_ppl_before=evaluate.perplexity(student, eval_batches)["ppl"])
     start = time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr):  # Trainer prints its logs; stdout carries only the result
-        history = distill(teacher, student, windows, checkpoints, config=config,
-                          settings={"teacher": teacher_ref, "student": str(student_dir), "text": text_source,
-                                    "seq_len": seq_len})
+        history = distill(teacher, student, windows, checkpoints, config=config, settings=settings)
     result["train_s"] = round(time.perf_counter() - start, 1)  # this run's share, when resumed
     result["loss"] = [{"step": row["step"], "loss": row["loss"]} for row in history if "loss" in row]
     if eval_batches is not None:

@@ -107,12 +107,16 @@ def check_pair(teacher: nn.Module, student: nn.Module) -> None:
                         "needs the same vocabulary; pass the dense model the student was made from")
 
 
-def _check_resumable(checkpoints: Path, settings: dict) -> None:
+def check_resumable(checkpoints: Path, config: DistillConfig, settings: dict | None = None) -> dict:
+    """The run's settings (``settings`` with the config); raise a UserError if ``checkpoints`` holds a
+    run with other ones."""
+    settings = {**(settings or {}), **asdict(config)}
     saved = checkpoints / SETTINGS
     if saved.exists() and (before := json.loads(saved.read_text())) != settings:
         changed = sorted(key for key in settings.keys() | before.keys() if settings.get(key) != before.get(key))
         raise UserError(f"{checkpoints} holds checkpoints of a distillation with other settings ({', '.join(changed)}"
                         " differ); rerun with the same settings to resume, or pass --overwrite to start over")
+    return settings
 
 
 def distill(teacher: nn.Module, student: nn.Module, windows: torch.Tensor, checkpoints: str | Path, *,
@@ -124,8 +128,7 @@ def distill(teacher: nn.Module, student: nn.Module, windows: torch.Tensor, check
     (the loss every 10 steps, or every checkpoint if more often)."""
     check_pair(teacher, student)
     checkpoints = Path(checkpoints)
-    settings = {**(settings or {}), **asdict(config)}
-    _check_resumable(checkpoints, settings)
+    settings = check_resumable(checkpoints, config, settings)
     checkpoints.mkdir(parents=True, exist_ok=True)
     (checkpoints / SETTINGS).write_text(json.dumps(settings, indent=2) + "\n")
 
