@@ -10,13 +10,14 @@ out=runs/demo
 rm -rf "$out"
 mkdir -p "$out"
 tyr=.venv/bin/tyrsearch
-eval_args=(--text wiki-summaries --seq-len 512 --max-tokens 16384 --json)
-echo "== dense SmolLM2-135M on held-out wiki-summaries"
-$tyr eval --model smollm2-135m "${eval_args[@]}" > "$out/dense.json"
+domains=(wiki-summaries literature code docs)  # held-out texts unlike the calibration (c4,wiki)
+eval_args=(--seq-len 512 --max-tokens 8192 --json)
+echo "== dense SmolLM2-135M on four held-out domains"
+for text in "${domains[@]}"; do $tyr eval --model smollm2-135m --text "$text" "${eval_args[@]}" > "$out/dense-$text.json"; done
 echo "== searching the per-layer allocation for 30% sparsity (study: $out/search/study.db)"
 $tyr search --model smollm2-135m --target 0.3 --out "$out/search" --json > "$out/search.json"
-echo "== the winner, reloaded from $out/search/model"
-$tyr eval --model "$out/search/model" "${eval_args[@]}" > "$out/pruned.json"
+echo "== the winner, reloaded from $out/search/model, on the same domains"
+for text in "${domains[@]}"; do $tyr eval --model "$out/search/model" --text "$text" "${eval_args[@]}" > "$out/pruned-$text.json"; done
 echo "== exporting dense and winner to ONNX, fp32 and int8, each verified in ONNX Runtime against torch"
 dense_dir=$(.venv/bin/python -c 'from tyrsearch import assets; print(assets.resolve_model("smollm2-135m"))')
 $tyr export --model "$dense_dir" --out "$out/onnx-dense/model.onnx" --int8 --json > "$out/export-dense.json"
@@ -24,12 +25,17 @@ $tyr export --model "$out/search/model" --out "$out/onnx-pruned/model.onnx" --in
 .venv/bin/python - "$out" <<'PY'
 import json, sys
 out = sys.argv[1]
-dense, pruned, search = (json.load(open(f"{out}/{n}.json")) for n in ("dense", "pruned", "search"))
-print(f"{'':8} {'ppl':>8} {'decoder params':>15} {'tokens/s':>9}")
-for name, r in (("dense", dense), ("pruned", pruned)):
-    print(f"{name:8} {r['ppl']:8.2f} {r['decoder_params']:15,} {r['tokens_per_s']:9.0f}")
+domains = ("wiki-summaries", "literature", "code", "docs")
+ev = {(m, d): json.load(open(f"{out}/{m}-{d}.json")) for m in ("dense", "pruned") for d in domains}
+search = json.load(open(f"{out}/search.json"))
+print(f"{'held-out ppl':14}" + "".join(f"{d:>15}" for d in domains) + f"{'decoder params':>16}")
+for m in ("dense", "pruned"):
+    print(f"{m:14}" + "".join(f"{ev[m, d]['ppl']:15.2f}" for d in domains) + f"{ev[m, domains[0]]['decoder_params']:16,}")
+ratios = [ev["pruned", d]["ppl"] / ev["dense", d]["ppl"] for d in domains]
+dense, pruned = ev["dense", domains[0]], ev["pruned", domains[0]]
 fitness = " -> ".join(f"{it['start_fitness']:.4f}/{it['fitness']:.4f}" for it in search["iterations"])
-print(f"sparsity {search['achieved_sparsity']:.3f}, ppl ratio {pruned['ppl'] / dense['ppl']:.2f}, "
+print(f"sparsity {search['achieved_sparsity']:.3f}, ppl ratio per domain "
+      f"{', '.join(f'{r:.2f}' for r in ratios)}, "
       f"eval speedup {pruned['tokens_per_s'] / dense['tokens_per_s']:.2f}x, search took "
       f"{sum(search['times_s'].values()):.0f} s over {search['study']['trials']} trials "
       f"(KL start/winner per iteration: {fitness})")

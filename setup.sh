@@ -8,6 +8,9 @@ python=${PYTHON:-python3}
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 .venv/bin/python -m pip install --quiet -c constraints.txt -e ".[dev]"
 .venv/bin/python -m pip install --quiet --no-deps -r requirements-assets.txt
+# The held-out `literature` text ships in brotli's source package: downloaded (not built) beside the assets.
+[ -f .venv/share/tyrsearch-assets/brotli-1.2.1.tar.gz ] || .venv/bin/python -m pip download --quiet --no-deps \
+    --no-binary brotli brotli==1.2.1 -d .venv/share/tyrsearch-assets
 # Fashion-MNIST for the meta-pruner (Debian package; needs root or passwordless sudo). Without it only the
 # meta-pruner's data loader fails, with an error that names the package.
 if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null; then

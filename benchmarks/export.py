@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from report import ROOT, environment, load, save
 
-from tyrsearch import assets, data
+from tyrsearch import assets, data, texts
 from tyrsearch.export.onnx_export import held_out_change, quantize_int8
 from tyrsearch.export.runtime import Decoder
 from tyrsearch.local import make_criterion
@@ -57,7 +57,7 @@ def winner_folder(target: str, layers: list[dict]) -> Path:
     plan = [LayerShape(kv_heads=b["num_key_value_heads"],
                        q_per_kv=b["num_attention_heads"] // b["num_key_value_heads"] if b["num_key_value_heads"] else 0,
                        intermediate=b["intermediate_size"]) for b in layers]
-    calib = data.calibration_batches(tokenizer, assets.read_text("c4"), seq_len=512, count=32, seed=0)
+    calib = data.calibration_batches(tokenizer, texts.read_text("c4"), seq_len=512, count=32, seed=0)
     prune(model, plan, make_criterion("osscar"), calib)
     save_pruned(model, tokenizer, folder)
     return folder

@@ -37,7 +37,7 @@ import torch
 from report import ROOT, environment, load, save
 from tqdm.auto import tqdm
 
-from tyrsearch import assets, evaluate
+from tyrsearch import assets, evaluate, texts
 from tyrsearch.calibration import LayerInputs
 from tyrsearch.data import calibration_batches, eval_batches
 from tyrsearch.models import adapter_for
@@ -98,7 +98,7 @@ def routing_check(experts: int = 8, top_k: int = 2) -> dict:
     """Per layer: MLP output error with the fitted router's and the oracle's top-k, router recall."""
     model, tokenizer = assets.load_model("smollm2-135m")
     adapter = adapter_for(model)
-    walker = LayerInputs(model, adapter, calibration_batches(tokenizer, assets.read_text("c4"), seq_len=512, count=32,
+    walker = LayerInputs(model, adapter, calibration_batches(tokenizer, texts.read_text("c4"), seq_len=512, count=32,
                                                              seed=0))
     options, layers = MoefyConfig(), []
     for index, layer in enumerate(tqdm(adapter.layers(model), desc="routing check", unit="layer")):
@@ -176,14 +176,14 @@ def oracle_bounds() -> dict:
     oracle at each of SPLITS."""
     model, tokenizer = assets.load_model("smollm2-135m")
     adapter = adapter_for(model)
-    held_out = eval_batches(tokenizer, assets.read_text("wiki-summaries"), seq_len=512, max_tokens=16384)
+    held_out = eval_batches(tokenizer, texts.read_text("wiki-summaries"), seq_len=512, max_tokens=16384)
     downs = [layer.mlp.down_proj.weight for layer in adapter.layers(model)]
     dense = evaluate.perplexity(model, held_out, progress=False)["ppl"]
     bounds = {"dense_ppl": dense, "neurons": {}, "experts": {}}
     for share in tqdm(NEURON_SHARES, desc="neuron oracle"):
         ppl = _ppl_with(model, adapter, held_out, [_keep_neurons(share, down) for down in downs])
         bounds["neurons"][f"{share:g}"] = {"ppl": ppl, "ppl_ratio": ppl / dense}
-    calibration = calibration_batches(tokenizer, assets.read_text("c4"), seq_len=512, count=32, seed=0)
+    calibration = calibration_batches(tokenizer, texts.read_text("c4"), seq_len=512, count=32, seed=0)
     orders = _split_orders(calibration, model, adapter)
     for experts, top_k in tqdm(SPLITS, desc="expert oracle"):
         ppl = _ppl_with(model, adapter, held_out, [_keep_experts(layer[experts], experts, top_k, down)

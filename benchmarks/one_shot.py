@@ -19,7 +19,7 @@ import time
 import torch
 from report import environment, load, save
 
-from tyrsearch import assets, data, evaluate
+from tyrsearch import assets, data, evaluate, texts
 from tyrsearch.local import CRITERIA, make_criterion
 from tyrsearch.models import adapter_for
 from tyrsearch.pruner import OneShotConfig, one_shot
@@ -52,7 +52,7 @@ def remeasure_speed(results: dict, *, repeats: int) -> None:
 
     for model_ref in {r["model"] for r in results["rows"]}:
         dense, tokenizer = assets.load_model(model_ref)
-        tokens = data.eval_batches(tokenizer, assets.read_text("wiki-summaries"), seq_len=512, max_tokens=1024)
+        tokens = data.eval_batches(tokenizer, texts.read_text("wiki-summaries"), seq_len=512, max_tokens=1024)
         template = to_pruned(dense).config.to_dict()
         for row in (r for r in results["rows"] if r["model"] == model_ref):
             config = AutoConfig.for_model(**{**template, "block_configs": row["layers"]})
@@ -106,8 +106,8 @@ def run(args) -> None:
     results.update(settings=settings, environment=environment())
     results.setdefault("rows", [])
     results.setdefault("dense", {})
-    heldout = assets.read_text("wiki-summaries")
-    calib_text = assets.read_text("c4")
+    heldout = texts.read_text("wiki-summaries")
+    calib_text = texts.read_text("c4")
     calib_tokens = {}  # model -> c4 token ids, tokenized once
     # The knapsack allocation is the search's start, so it is run with the search's local pruner only,
     # after the uniform / owl baselines.

@@ -22,7 +22,7 @@ from pathlib import Path
 import optuna
 from report import environment, load, save
 
-from tyrsearch import assets, data, evaluate
+from tyrsearch import assets, data, evaluate, texts
 from tyrsearch.allocation import sparsity_of
 from tyrsearch.models import adapter_for
 from tyrsearch.pruner import OneShotConfig, one_shot
@@ -120,10 +120,12 @@ def run(args) -> None:
     results.update(settings=settings, environment=environment())
     results.setdefault("targets", {})
     dense, tokenizer = assets.load_model(MODEL)
-    tokens = data.tokenize(tokenizer, assets.read_text("c4"))
+    tokens = data.tokenize(tokenizer, texts.read_text("c4"))
     calibration = data.calibration_batches(tokenizer, tokens, seq_len=512, count=args.calib_seqs, seed=0)
     fitness = data.calibration_batches(tokenizer, tokens, seq_len=512, count=space.selection[-1].tokens // 512, seed=1)
-    heldout = data.eval_batches(tokenizer, assets.read_text("wiki-summaries"), seq_len=512, max_tokens=args.eval_tokens)
+    validation = None if space.validation is None else \
+        data.calibration_batches(tokenizer, tokens, seq_len=512, count=space.validation.tokens // 512, seed=2)
+    heldout = data.eval_batches(tokenizer, texts.read_text("wiki-summaries"), seq_len=512, max_tokens=args.eval_tokens)
     adapter = adapter_for(dense)
     if "dense" not in results:
         results["dense"] = {**evaluate.perplexity(dense, heldout), "decoder_params": evaluate.decoder_params(dense)}
@@ -165,8 +167,8 @@ def run(args) -> None:
         config = SearchConfig(target=target)
         study = open_study(storage=f"sqlite:///{out / 'study.db'}", study_name="bench", space=space, config=config,
                            resume=True)
-        search = Search(model=dense, calibration=calibration, fitness_batches=fitness, space=space, config=config,
-                        study=study, supernet_dir=out / "supernets")
+        search = Search(model=dense, calibration=calibration, fitness_batches=fitness, validation_batches=validation,
+                        space=space, config=config, study=study, supernet_dir=out / "supernets")
         found = search.run()
         pruned = materialize(dense, found)
         # the first iteration's start (the knapsack), materialized from its cached supernet

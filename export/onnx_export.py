@@ -31,7 +31,7 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 from onnxruntime.quantization.shape_inference import quant_pre_process
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from tyrsearch import assets, data
+from tyrsearch import data, texts
 from tyrsearch.errors import UserError
 from tyrsearch.export import runtime
 from tyrsearch.export.graphs import (
@@ -156,7 +156,7 @@ def write_int8(model: PreTrainedModel, tokenizer, fp32_file: Path, int8_file: Pa
         quantize_int8(fp32_file, int8_file, method=config.int8_method)
         return {"alpha": 0.0, "mlps": 0}
     smoothed = copy.deepcopy(model)
-    calibration = data.calibration_batches(tokenizer, assets.read_text("c4"), seq_len=512,
+    calibration = data.calibration_batches(tokenizer, texts.read_text("c4"), seq_len=512,
                                            count=config.smooth_sequences, seed=0)
     mlps = smooth_down_projections(smoothed, calibration, alpha=config.int8_smooth)
     with tempfile.TemporaryDirectory(dir=int8_file.parent, prefix=".smoothed-") as tmp:
@@ -220,7 +220,7 @@ def genai_config(model: PreTrainedModel, filename: str) -> dict:
 
 def held_out_change(fp32: Path, int8: Path, tokenizer, *, tokens: int, seq_len: int = 256) -> dict:
     """Perplexity of the fp32 and int8 graphs in ONNX Runtime on the same held-out wiki-summaries tokens."""
-    ids = data.eval_batches(tokenizer, assets.read_text("wiki-summaries"), seq_len=seq_len, max_tokens=tokens)
+    ids = data.eval_batches(tokenizer, texts.read_text("wiki-summaries"), seq_len=seq_len, max_tokens=tokens)
     figures = {name: ort_perplexity(path, ids.numpy()) for name, path in (("fp32", fp32), ("int8", int8))}
     return {"text": "wiki-summaries", "tokens": int(ids.numel()), "ppl_fp32": figures["fp32"],
             "ppl_int8": figures["int8"], "ppl_ratio": figures["int8"] / figures["fp32"]}

@@ -85,9 +85,9 @@ def serve(*, storage_url: str, study_name: str, heartbeat_s: float = HEARTBEAT_S
             raise UserError(f"study {study_name!r} has no job to work on: it was not started by `tyrsearch search`")
         time.sleep(0.5)
     job = Job(**study.user_attrs[JOB])
-    model, _, _, fitness = job.load(space)
-    worker = Worker(study=study, model=model, reference=reference_for(model, fitness, space, batch_size=job.batch_size),
-                    space=space, batch_size=job.batch_size)
+    model, _, batches = job.load(space)
+    reference = reference_for(model, batches.fitness, space, batch_size=job.batch_size)
+    worker = Worker(study=study, model=model, reference=reference, space=space, batch_size=job.batch_size)
     tic, stages, backoff = time.perf_counter(), 0, Backoff()
     with tqdm(desc=f"worker on {study_name}", unit="stage", disable=not progress) as bar:
         try:

@@ -114,8 +114,8 @@ class Evaluator:
         hf_logging.disable_progress_bar()
         space = parse_space(space, source="the search")
         job = Job(**job)
-        model, _, _, fitness = job.load(space)
-        reference = reference_for(model, fitness, space, batch_size=job.batch_size)
+        model, _, batches = job.load(space)
+        reference = reference_for(model, batches.fitness, space, batch_size=job.batch_size)
         self.evaluation = Evaluation(model=model, reference=reference, space=space, batch_size=job.batch_size)
 
     def evaluate(self, task: dict) -> dict:

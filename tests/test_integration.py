@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from tyrsearch import assets, data, evaluate
+from tyrsearch import assets, data, evaluate, texts
 from tyrsearch.materialize import save_pruned
 from tyrsearch.models import LayerShape, adapter_for
 from tyrsearch.pruner import OneShotConfig, one_shot
@@ -25,8 +25,8 @@ def test_smollm2_units_are_found(smollm2):
 
 def test_prune_reload_eval(smollm2, tmp_path):
     dense, tokenizer = smollm2
-    calib = data.calibration_batches(tokenizer, assets.read_text("c4"), seq_len=256, count=8, seed=0)
-    heldout = data.eval_batches(tokenizer, assets.read_text("wiki-summaries"), seq_len=256, max_tokens=1024)
+    calib = data.calibration_batches(tokenizer, texts.read_text("c4"), seq_len=256, count=8, seed=0)
+    heldout = data.eval_batches(tokenizer, texts.read_text("wiki-summaries"), seq_len=256, max_tokens=1024)
     dense_ppl = evaluate.perplexity(dense, heldout, progress=False)["ppl"]
 
     model = AutoModelForCausalLM.from_pretrained(assets.resolve_model("smollm2-135m")).eval()

@@ -3,6 +3,7 @@ budget, multi-step selection prunes the right trials, and a search is determinis
 
 import copy
 import random
+from dataclasses import replace
 
 import numpy as np
 import optuna
@@ -19,8 +20,8 @@ from tyrsearch.search.candidates import CandidateEvaluator
 from tyrsearch.search.driver import Search, SearchConfig, open_study
 from tyrsearch.search.samplers import GENERATION, ITERATION, EvolutionSampler, _Grid, param_name, repair
 from tyrsearch.search.selection import SelectionPruner
-from tyrsearch.space import Fitness, SearchSpace, Stage, UnitSpace
-from tyrsearch.supernet import build_supernet
+from tyrsearch.space import Fitness, SearchSpace, Stage, UnitSpace, Validation
+from tyrsearch.supernet import Supernet, build_supernet
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -254,3 +255,39 @@ def test_ppl_fitness_is_the_perplexity_of_the_assembled_model():
     levels = _random_levels(net, random.Random(2))
     expected = evaluate.perplexity(net.apply(copy.deepcopy(model), levels), _batches(4, 2), progress=False)["ppl"]
     assert evaluator.fitness(levels, 4) == pytest.approx(expected, rel=1e-5)
+
+
+def test_validation_picks_each_iterations_winner_among_its_best_on_held_back_tokens(tmp_path):
+    space = replace(SPACE, validation=Validation(candidates=3, tokens=48))
+    model = tiny_llama(layers=6)
+    config = SearchConfig(target=0.4)
+    study = open_study(storage=f"sqlite:///{tmp_path / 'study.db'}", study_name="v", space=space, config=config,
+                       resume=False)
+    held_back = _batches(2, 3)
+    with pytest.raises(ValueError, match="held-back sequences"):
+        Search(model=model, calibration=_batches(8, 1), fitness_batches=_batches(4, 2), space=space, config=config,
+               study=study, supernet_dir=tmp_path / "supernets", progress=False)
+    search = Search(model=model, calibration=_batches(8, 1), fitness_batches=_batches(4, 2), space=space,
+                    config=config, study=study, supernet_dir=tmp_path / "supernets", validation_batches=held_back,
+                    progress=False)
+    result = search.run()
+    reference = evaluate.dense_topk(model, held_back, k=16, progress=False)
+    trials = study.trials
+    for k, summary in enumerate(result.iterations):
+        complete = sorted((t for t in trials if t.system_attrs[ITERATION] == k
+                           and t.state == optuna.trial.TrialState.COMPLETE), key=lambda t: (t.values[0], t.number))
+        scores = {v["trial"]: v["validation"] for v in summary["validation"]}
+        assert list(scores) == [t.number for t in complete[:3]]  # the 3 best, all distinct here
+        assert len({tuple(sorted(trials[n].params.items())) for n in scores}) == 3
+        assert study.user_attrs[f"iteration{k}"]["validation"] == {str(n): v for n, v in scores.items()}
+        winner = trials[summary["trial"]]
+        assert scores[winner.number] == min(scores.values())
+        # the held-back score is the assembled candidate's KL on the held-back sequences
+        supernet = Supernet.load(study.user_attrs[f"iteration{k}"]["supernet"])
+        levels = driver.params_to_levels(winner.params, len(search.dense))
+        assembled = supernet.apply(copy.deepcopy(model), levels)
+        assert scores[winner.number] == pytest.approx(evaluate.kl_divergence(assembled, reference), rel=1e-4)
+    assert result.levels == driver.params_to_levels(trials[result.iterations[-1]["trial"]].params, 6)
+    # a validated winner's shapes are the next iteration's centre
+    start1 = next(t for t in trials if t.system_attrs[ITERATION] == 1 and t.system_attrs[GENERATION] == 0)
+    assert start1.user_attrs["keeps"] == trials[result.iterations[0]["trial"]].user_attrs["keeps"]

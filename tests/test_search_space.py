@@ -8,7 +8,7 @@ import yaml
 from tests.conftest import tiny_gemma3, tiny_llama
 from tyrsearch.errors import UserError
 from tyrsearch.models import adapter_for
-from tyrsearch.space import Stage, load_space, parse_space
+from tyrsearch.space import Stage, Validation, load_space, parse_space
 
 
 @pytest.mark.parametrize(("name", "factory"), [("llama", tiny_llama), ("gemma3", tiny_gemma3)])
@@ -20,6 +20,10 @@ def test_bundled_spaces_load_and_fit_their_family(name, factory):
     space.check_model(adapter.shapes(model), adapter.unit_types)
     assert space.selection[0] == Stage(survivors=12, tokens=512) and space.selection[-1].survivors == 1
     assert space.fitness.metric == "kl"
+    assert space.validation == Validation(candidates=4, tokens=8192)
+    raw = yaml.safe_load((resources.files("tyrsearch.search_spaces") / f"{name}.yaml").read_text())
+    del raw["validation"]
+    assert parse_space(raw).validation is None  # a space without it picks winners by fitness alone
 
 
 def _llama_raw():
@@ -44,6 +48,9 @@ def test_a_yaml_file_path_works(tmp_path):
     (lambda r: r["selection"].append({"survivors": 4, "tokens": 16}), "each selection stage must keep fewer"),
     (lambda r: r.update(fitness={"metric": "vibes"}), "fitness.metric must be kl or ppl"),
     (lambda r: r.update(offspring=2), "keeps 12 of only 2 offspring"),
+    (lambda r: r.update(validation={"candidates": 0, "tokens": 512}), "validation.candidates must be an integer >= 1"),
+    (lambda r: r.update(validation={"candidates": 2, "sequences": 4}), "unknown key 'sequences' in validation"),
+    (lambda r: r.update(validation=[4]), "validation must be a mapping"),
 ])
 def test_malformed_spaces_are_refused(change, message):
     raw = _llama_raw()

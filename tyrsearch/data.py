@@ -8,6 +8,7 @@ else only text tokens (SmolLM2's tokenizer adds none). ``text`` may be a string 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 import torch
 
@@ -132,3 +133,20 @@ def eval_batches(tokenizer, text: str | torch.Tensor, *, seq_len: int, max_token
     body, bos = _body_len(tokenizer, seq_len, tokens.numel())
     n = min(max(1, max_tokens // seq_len), tokens.numel() // body)
     return _with_bos(tokens[: n * body].view(n, body), bos)
+
+
+def mixed_batches(
+    tokenizer, sources: Sequence[str | torch.Tensor], *, seq_len: int, count: int, seed: int = 0
+) -> torch.Tensor:
+    """``count`` sequences drawn from the sources in turn: LongTensor [count, seq_len].
+
+    Row i comes from source ``i % len(sources)`` (each source's rows as ``calibration_batches`` draws
+    them with ``seed``), so every prefix of the rows (a selection stage's tokens) is balanced across
+    sources. One source gives exactly ``calibration_batches``.
+    """
+    if not sources:
+        raise ValueError("mixed_batches needs at least one source")
+    n = len(sources)
+    parts = [calibration_batches(tokenizer, source, seq_len=seq_len, count=-(-(count - s) // n), seed=seed)
+             if s < count else None for s, source in enumerate(sources)]
+    return torch.stack([parts[i % n][i // n] for i in range(count)])

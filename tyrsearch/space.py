@@ -35,6 +35,17 @@ class Stage:
 
 
 @dataclass(frozen=True)
+class Validation:
+    """Final selection on held-back sequences: at the end of every iteration the best `candidates` distinct
+    complete trials are scored on `tokens` validation tokens (other sequences than the fitness ones) and
+    the best of them is the iteration's winner, so the noise of selecting among hundreds of candidates on
+    the fitness tokens does not pick an outlier."""
+
+    candidates: int
+    tokens: int
+
+
+@dataclass(frozen=True)
 class Fitness:
     metric: str = "kl"  # kl (to the dense model's next-token distribution) or ppl
     top_k: int = 256  # KL over the dense model's top-k tokens (+ the rest as one bucket)
@@ -50,6 +61,7 @@ class SearchSpace:
     offspring: int
     selection: tuple[Stage, ...]
     fitness: Fitness
+    validation: Validation | None = None  # None: the best fitness wins each iteration
 
     def check_model(self, shapes: list[LayerShape], unit_types: tuple[str, ...]) -> None:
         """The space must fit the model: prunable unit types, min_keep within every layer's units."""
@@ -88,7 +100,7 @@ def _positive(value, where: str, *, minimum: int = 1) -> int:
 def parse_space(raw, *, source: str = "<yaml>") -> SearchSpace:
     """A validated SearchSpace from the parsed YAML of `source`."""
     top = _mapping(raw, source, SearchSpace)
-    missing = _fields(SearchSpace) - set(top) - {"fitness"}
+    missing = _fields(SearchSpace) - set(top) - {"fitness", "validation"}
     if missing:
         raise UserError(f"search space {source}: missing key {sorted(missing)[0]!r}")
     units_raw = top["units"]
@@ -121,6 +133,11 @@ def parse_space(raw, *, source: str = "<yaml>") -> SearchSpace:
     fitness = Fitness(**_mapping(top.get("fitness", {}), "fitness", Fitness))
     if fitness.metric not in ("kl", "ppl"):
         raise UserError(f"search space {source}: fitness.metric must be kl or ppl, got {fitness.metric!r}")
+    validation = None
+    if top.get("validation") is not None:
+        raw_validation = _mapping(top["validation"], "validation", Validation)
+        validation = Validation(candidates=_positive(raw_validation.get("candidates"), "validation.candidates"),
+                                tokens=_positive(raw_validation.get("tokens"), "validation.tokens"))
     offspring = _positive(top["offspring"], "offspring")
     if stages[0].survivors > offspring + 1:
         raise UserError(f"search space {source}: the first selection stage keeps {stages[0].survivors} of only "
@@ -128,7 +145,7 @@ def parse_space(raw, *, source: str = "<yaml>") -> SearchSpace:
     return SearchSpace(
         family=str(top["family"]), units=units, levels=_positive(top["levels"], "levels"),
         iterations=_positive(top["iterations"], "iterations"), generations=_positive(top["generations"], "generations"),
-        offspring=offspring, selection=stages, fitness=fitness,
+        offspring=offspring, selection=stages, fitness=fitness, validation=validation,
     )
 
 

@@ -30,17 +30,18 @@ from optuna.trial import TrialState
 from torch import nn
 from tqdm.auto import tqdm
 
-from tyrsearch import allocation
+from tyrsearch import allocation, evaluate
 from tyrsearch.budget import LATENCY_BAND, Budget, FlopsBudget, LatencyTable, ParamsBudget, limit
 from tyrsearch.errors import UserError
 from tyrsearch.local import make_criterion
 from tyrsearch.models import LayerShape, adapter_for
-from tyrsearch.search.candidates import Levels
+from tyrsearch.search.candidates import CandidateEvaluator, Levels
 from tyrsearch.search.knapsack import knapsack_levels
 from tyrsearch.search.samplers import (
     GENERATION,
     INDEX,
     ITERATION,
+    VALIDATION,
     best_trial,
     iteration_trials,
     make_sampler,
@@ -74,7 +75,7 @@ class SearchConfig:
     objectives: tuple[str, ...] = ("kl",)  # kl alone, or kl and a cost (NSGA-II's Pareto front)
     start: str = "knapsack"  # the first iteration's start candidate: knapsack or centre
     seed: int = 0
-    sensitivity_sequences: int = 1  # fitness sequences on which each variant's KL is measured (knapsack)
+    sensitivity_sequences: int = 2  # fitness sequences on which each variant's KL is measured (knapsack)
     batch_size: int = 4
     no_rebuild: bool = False  # a corrupt cached supernet is an error instead of being rebuilt
 
@@ -178,9 +179,11 @@ class Search:
 
     def __init__(self, *, model: nn.Module, calibration: torch.Tensor, fitness_batches: torch.Tensor,
                  space: SearchSpace, config: SearchConfig, study: optuna.Study, supernet_dir: Path,
-                 budget: Budget | None = None, latency: LatencyTable | None = None, progress: bool = True):
-        """`budget` prices candidates (decoder parameters by default); `latency` estimates each candidate's
-        latency (needed by a latency objective)."""
+                 validation_batches: torch.Tensor | None = None, budget: Budget | None = None,
+                 latency: LatencyTable | None = None, progress: bool = True):
+        """`validation_batches` (needed when the space has a validation stage) are held back from the
+        fitness; `budget` prices candidates (decoder parameters by default); `latency` estimates each
+        candidate's latency (needed by a latency objective)."""
         self.model, self.calibration, self.space, self.config = model, calibration, space, config
         self.study, self.supernet_dir, self.progress = study, Path(supernet_dir), progress
         self.adapter = adapter_for(model)
@@ -196,6 +199,13 @@ class Search:
         self.seq_len = fitness_batches.shape[1]
         self.stage_sequences = [-(-stage.tokens // self.seq_len) for stage in space.selection]
         self.reference = reference_for(model, fitness_batches, space, batch_size=config.batch_size)
+        self.validation = None  # the dense model's top-k on the held-back sequences
+        if space.validation is not None and len(config.objectives) == 1:
+            sequences = -(-space.validation.tokens // self.seq_len)
+            if validation_batches is None or validation_batches.shape[0] < sequences:
+                raise ValueError(f"the space's validation needs {sequences} held-back sequences")
+            self.validation = evaluate.dense_topk(model, validation_batches[:sequences], k=space.fitness.top_k,
+                                                  batch_size=config.batch_size, progress=False)
         self.times: dict[str, float] = {"supernet": 0.0, "sensitivity": 0.0, "search": 0.0}
 
     # -- supernets ------------------------------------------------------------------------------------
@@ -282,10 +292,16 @@ class Search:
                 self.study.set_user_attr(f"iteration{k}", {**record, "supernet": folder})  # workers load it there
                 self.study.set_user_attr(ITERATION, k)
                 winner = self._iterate(k, work)
-                levels = params_to_levels(winner.params, len(self.dense))
                 trials = iteration_trials(self.study, k)
+                scores = self._validate(k, supernet) if self.validation is not None else {}
+                if scores:
+                    number = min(scores, key=lambda n: (scores[n], n))
+                    winner = next(t for t in trials if t.number == number)
+                levels = params_to_levels(winner.params, len(self.dense))
                 summary.append({"iteration": k, "steps": record["steps"], "start_fitness": self._start_fitness(k),
                                 "fitness": winner.values[0], "trial": winner.number,
+                                **({VALIDATION: [{"trial": n, "validation": v} for n, v in scores.items()]}
+                                   if scores else {}),
                                 "evaluation_seconds": sum(t.user_attrs.get("seconds", 0.0) for t in trials)})
                 centre = shapes_of(supernet, levels, self.dense)
         finally:
@@ -295,6 +311,33 @@ class Search:
         self.times["search"] = time.perf_counter() - tic - self.times["supernet"] - self.times["sensitivity"]
         return SearchResult(levels=params_to_levels(winner.params, len(self.dense)), supernet=supernet,
                             fitness=winner.values[0], iterations=summary, times_s=dict(self.times))
+
+    def _validate(self, k: int, supernet: Supernet) -> dict[int, float]:
+        """Score the iteration's best distinct complete trials (the space's `validation.candidates`, by
+        fitness, within the budget) on the held-back sequences: {trial number: score}, best fitness first.
+        The scores are kept in the iteration's record (finished trials take no more attrs), so a resumed
+        search does not repeat them."""
+        complete = [t for t in iteration_trials(self.study, k) if t.state == TrialState.COMPLETE
+                    and t.user_attrs.get("within_budget", True)]
+        ranked, seen = [], set()
+        for trial in sorted(complete, key=lambda t: (t.values[0], t.number)):
+            key = tuple(sorted(trial.params.items()))
+            if key not in seen:
+                seen.add(key)
+                ranked.append(trial)
+        record = self.study.user_attrs[f"iteration{k}"]
+        known = {int(number): value for number, value in record.get(VALIDATION, {}).items()}
+        evaluator = None
+        for trial in ranked[:self.space.validation.candidates]:
+            if trial.number not in known:
+                evaluator = evaluator or CandidateEvaluator(model=self.model, supernet=supernet,
+                                                            reference=self.validation, metric=self.space.fitness.metric,
+                                                            batch_size=self.config.batch_size)
+                known[trial.number] = evaluator.fitness(params_to_levels(trial.params, len(self.dense)),
+                                                        evaluator.sequences)
+        scores = {t.number: known[t.number] for t in ranked[:self.space.validation.candidates]}
+        self.study.set_user_attr(f"iteration{k}", {**record, VALIDATION: {str(n): v for n, v in scores.items()}})
+        return scores
 
     def retry_running(self) -> None:
         """Queue again the candidates of trials left RUNNING (by a killed earlier run whose workers were
@@ -410,8 +453,11 @@ def _sampler_and_pruner(space: SearchSpace, strategy: str, seed: int) -> dict:
 def open_study(*, storage: str | optuna.storages.BaseStorage, study_name: str, space: SearchSpace,
                config: SearchConfig, resume: bool) -> optuna.Study:
     """The study behind a search: created new, or (resume) loaded and checked to be the same search."""
+    searched = asdict(space)
+    if space.validation is None:
+        del searched["validation"]  # as studies from before validation existed recorded it: they resume
     settings = {"target": config.target, "criterion": config.criterion, "strategy": config.strategy,
-                "start": config.start, "seed": config.seed, "space": asdict(space), "budget": config.budget,
+                "start": config.start, "seed": config.seed, "space": searched, "budget": config.budget,
                 "objectives": config.objectives}
     settings = json.loads(json.dumps(settings))  # tuples become lists, as the storage returns them
     try:

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from tyrsearch import assets, data
+from tyrsearch import assets, data, texts
 from tyrsearch.space import SearchSpace
 
 JOB = "tyr:job"
@@ -18,7 +18,7 @@ JOB = "tyr:job"
 @dataclass(frozen=True)
 class Job:
     model: str  # alias, or an absolute path every worker can read
-    calib: str = "c4"
+    calib: str = texts.DEFAULT_CALIB
     calib_seqs: int = 32
     seq_len: int = 512
     seed: int = 0
@@ -33,18 +33,30 @@ class Job:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def load(self, space: SearchSpace) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, torch.Tensor, torch.Tensor]:
-        """(model, tokenizer, calibration, fitness): what the search process loads, in any process."""
+    def load(self, space: SearchSpace) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, Batches]:
+        """(model, tokenizer, batches): what the search process loads, in any process."""
         model, tokenizer = assets.load_model(self.model)
-        return model, tokenizer, *self.batches(tokenizer, space)
+        return model, tokenizer, self.batches(tokenizer, space)
 
-    def batches(self, tokenizer: PreTrainedTokenizerBase, space: SearchSpace) -> tuple[torch.Tensor, torch.Tensor]:
-        """(calibration [calib_seqs, seq_len], fitness [n, seq_len]): the same tokens in every process.
-        Fitness sequences are drawn apart from calibration (seed + 1); n covers the last selection stage."""
-        tokens = data.tokenize(tokenizer, assets.read_text(self.calib))
-        calibration = data.calibration_batches(tokenizer, tokens, seq_len=self.seq_len, count=self.calib_seqs,
-                                               seed=self.seed)
-        fitness_seqs = -(-space.selection[-1].tokens // self.seq_len)
-        fitness = data.calibration_batches(tokenizer, tokens, seq_len=self.seq_len, count=fitness_seqs,
-                                           seed=self.seed + 1)
-        return calibration, fitness
+    def batches(self, tokenizer: PreTrainedTokenizerBase, space: SearchSpace) -> Batches:
+        """The same tokens in every process, drawn from the `calib` mixture's sources in turn: calibration
+        (seed), fitness (seed + 1, as many as the last selection stage needs) and, where the space has a
+        validation stage, held-back validation sequences (seed + 2)."""
+        sources = [data.tokenize(tokenizer, texts.read_text(name)) for name in texts.mixture(self.calib)]
+
+        def draw(count: int, seed: int) -> torch.Tensor:
+            return data.mixed_batches(tokenizer, sources, seq_len=self.seq_len, count=count, seed=seed)
+
+        validation = None
+        if space.validation is not None:
+            validation = draw(-(-space.validation.tokens // self.seq_len), self.seed + 2)
+        return Batches(calibration=draw(self.calib_seqs, self.seed),
+                       fitness=draw(-(-space.selection[-1].tokens // self.seq_len), self.seed + 1),
+                       validation=validation)
+
+
+@dataclass(frozen=True)
+class Batches:
+    calibration: torch.Tensor  # [calib_seqs, seq_len]: what the supernet is calibrated on
+    fitness: torch.Tensor  # [n, seq_len]: the selection stages' tokens (each stage a prefix)
+    validation: torch.Tensor | None  # [v, seq_len]: held back for the final choice of each iteration

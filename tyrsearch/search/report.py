@@ -13,7 +13,7 @@ from optuna.trial import TrialState
 from tyrsearch.allocation import Dims
 from tyrsearch.errors import UserError
 from tyrsearch.models import LayerShape
-from tyrsearch.search.samplers import GENERATION, ITERATION, best_trial, iteration_trials
+from tyrsearch.search.samplers import GENERATION, ITERATION, VALIDATION, best_trial, iteration_trials
 
 RESULT = "tyr:result"  # study user attr: the finished search's result.json
 
@@ -127,7 +127,7 @@ def render_report(*, study: optuna.Study, result: dict, dense: list[LayerShape],
 {"<p><b>The search is still running: the best candidate so far.</b></p>" if result.get("running") else ""}
 <p>achieved sparsity {result["achieved_sparsity"]:.4f}; decoder parameters {result["decoder_params_before"]:,}
 &rarr; {result["decoder_params_after"]:,}; fitness ({result["fitness"]["metric"]}) {result["fitness"]["value"]:.5f}
-{f'; held-out ppl {held_out["ppl"]:.2f}' if held_out else ''}</p>
+{'; held-out ppl ' + ', '.join(f'{html.escape(n)} {r["ppl"]:.2f}' for n, r in held_out.items()) if held_out else ''}</p>
 <h2>Fitness over generations</h2>{_line_svg(fitness_curve(study))}
 <table><tr><th>iteration</th><th>level step</th><th>start</th><th>winner</th></tr>{rows}</table>
 {pareto}
@@ -159,6 +159,10 @@ def study_result(study: optuna.Study, *, model: str, dense: list[LayerShape], di
         winner = best_trial(trials)
         if record is None or winner is None:
             break
+        scores = record.get(VALIDATION)
+        if scores:  # the iteration has ended: its winner is the best on the held-back tokens
+            number = min(scores, key=lambda n: (scores[n], int(n)))
+            winner = next(t for t in trials if t.number == int(number))
         start = next((t.values[0] for t in trials if t.system_attrs[GENERATION] == 0 and t.values), math.nan)
         iterations.append({"iteration": k, "steps": record["steps"], "start_fitness": start,
                            "fitness": winner.values[0]})

@@ -31,6 +31,7 @@ from optuna.trial import FrozenTrial, TrialState
 ITERATION = "tyr:iteration"
 GENERATION = "tyr:generation"
 INDEX = "tyr:index"
+VALIDATION = "validation"  # in an iteration's record: {trial number: fitness on the held-back sequences}
 STRATEGIES = ("evolution", "tpe", "cmaes", "nsga2")
 
 

@@ -1,0 +1,339 @@
+"""Does the searched allocation's advantage survive text unlike its calibration?
+
+Side by side, at each target, with the same local pruner (osscar) and SmolLM2-135M:
+    dense
+    uniform, owl          one-shot (`tyrsearch prune`, default calibration)
+    knapsack start        the default search's first start candidate (per-layer sensitivities + a DP)
+    searched (wave 1)     `tyrsearch search --calib c4 --space benchmarks/spaces/llama-wave1.yaml
+                          --sensitivity-seqs 1` (the defaults before this benchmark)
+    searched              `tyrsearch search` with the defaults
+Per row: perplexity (seq 512) on every held-out domain of `tyrsearch.texts` (none of them calibration text),
+its ratio to the best one-shot row of that domain, the geometric mean of those ratios, and zero-shot
+accuracy (acc_norm of ARC-Easy, PIQA, HellaSwag, WinoGrande) with standard errors.
+Per search, a per-candidate table: a sample of the last iteration's complete trials spread over the fitness
+ranks, each with its fitness, its KL to the dense model on every domain, and the Spearman rank correlation
+of fitness with each domain's KL: where the fitness stops predicting held-out text.
+
+Models are made by the CLI, as a user would make them, under runs/transfer/ (reused when there); figures are
+saved as each finishes, so an interrupted run resumes where it stopped.
+
+    .venv/bin/python benchmarks/transfer.py                            # 0.3 and 0.5 (hours on 2 cores)
+    .venv/bin/python benchmarks/transfer.py --targets 0.5 --zero-shot 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import torch
+from report import ROOT, environment, load, save
+
+from tyrsearch import assets, data, evaluate, texts
+from tyrsearch.allocation import sparsity_of
+from tyrsearch.models import adapter_for
+from tyrsearch.pruner import dims_of
+from tyrsearch.search.candidates import CandidateEvaluator
+from tyrsearch.search.driver import params_to_levels
+from tyrsearch.search.samplers import ITERATION, VALIDATION
+from tyrsearch.supernet import Supernet
+
+NAME = "transfer"
+MODEL = "smollm2-135m"
+RUNS = ROOT / "runs" / "transfer"
+TYRSEARCH = str(Path(sys.executable).with_name("tyrsearch"))
+ONE_SHOT = ("uniform", "owl")
+SEARCHES = {  # row name -> the search's extra CLI flags
+    "searched (wave 1)": ["--calib", "c4", "--space", str(ROOT / "benchmarks" / "spaces" / "llama-wave1.yaml"),
+                          "--sensitivity-seqs", "1"],
+    "searched": [],
+}
+ROWS = ("dense", *ONE_SHOT, "knapsack start", *SEARCHES)
+
+
+def folder(target: float, row: str) -> Path:
+    return RUNS / f"t{target}-{row.replace(' ', '-').replace('(', '').replace(')', '')}"
+
+
+def cli(*args: str) -> None:
+    tic = time.perf_counter()
+    print("$ tyrsearch " + " ".join(args), flush=True)
+    subprocess.run([TYRSEARCH, *args], check=True, stdout=subprocess.DEVNULL)
+    print(f"  done in {time.perf_counter() - tic:.0f} s", flush=True)
+
+
+def made(target: float, row: str, calib_seqs: int) -> Path:
+    """The row's model folder, made by the CLI if it is not there yet."""
+    out = folder(target, row)
+    if row in ONE_SHOT:
+        if not (out / "config.json").exists():
+            cli("prune", "--model", MODEL, "--criterion", "osscar", "--sparsity", str(target), "--allocation", row,
+                "--calib-seqs", str(calib_seqs), "--out", str(out), "--overwrite")
+        return out
+    if not (out / "model" / "config.json").exists():
+        resume = ["--resume"] if (out / "study.db").exists() else []
+        cli("search", "--model", MODEL, "--target", str(target), "--calib-seqs", str(calib_seqs), "--seed", "0",
+            "--eval-tokens", "0", "--out", str(out), *resume, *SEARCHES[row])
+    return out / "model"
+
+
+def study_of(target: float, row: str) -> optuna.Study:
+    storage = f"sqlite:///{folder(target, row) / 'study.db'}"
+    return optuna.load_study(study_name=f"{MODEL}-t{target:g}", storage=storage)
+
+
+def knapsack_start(dense, target: float):
+    """The default search's first start candidate, cut from its cached first supernet."""
+    record = study_of(target, "searched").user_attrs["iteration0"]
+    levels = params_to_levels(record["start"], len(adapter_for(dense).shapes(dense)))
+    return Supernet.load(record["supernet"]).apply(copy.deepcopy(dense), levels)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Figures
+
+
+def zero_shot(model, tokenizer, limit: int) -> dict:
+    """acc_norm per task with its standard error, and their mean (standard error of the mean of four)."""
+    tasks = {}
+    for task, r in evaluate.zero_shot(model, tokenizer, limit=limit, progress=False).items():
+        tasks[task] = {"acc": r["acc_norm"], "se": math.sqrt(r["acc_norm"] * (1 - r["acc_norm"]) / (r["n"] - 1)),
+                       "n": r["n"]}
+    average = sum(t["acc"] for t in tasks.values()) / len(tasks)
+    se = math.sqrt(sum(t["se"] ** 2 for t in tasks.values())) / len(tasks)
+    return {"tasks": tasks, "average": average, "se": se, "limit": limit}
+
+
+def ranks(values: list[float]) -> list[float]:
+    """Ranks from 1, ties sharing their mean rank."""
+    order = sorted(range(len(values)), key=values.__getitem__)
+    out = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            out[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return out
+
+
+def spearman(x: list[float], y: list[float]) -> float:
+    rx, ry = ranks(x), ranks(y)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
+    return cov / math.sqrt(sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry))
+
+
+def sample_trials(study: optuna.Study, count: int) -> list[optuna.trial.FrozenTrial]:
+    """`count` distinct complete trials of the last iteration, evenly spread over the fitness ranks."""
+    last = study.user_attrs[ITERATION]
+    complete = sorted((t for t in study.trials if t.system_attrs.get(ITERATION) == last
+                       and t.state == optuna.trial.TrialState.COMPLETE), key=lambda t: (t.values[0], t.number))
+    unique = list({tuple(sorted(t.params.items())): t for t in reversed(complete)}.values())[::-1]
+    unique.sort(key=lambda t: (t.values[0], t.number))
+    if len(unique) <= count:
+        return unique
+    return [unique[round(i * (len(unique) - 1) / (count - 1))] for i in range(count)]
+
+
+@torch.inference_mode()
+def candidate_table(dense, study: optuna.Study, domains: dict[str, torch.Tensor], calibration: dict[str, torch.Tensor],
+                    count: int) -> dict:
+    """Fitness against held-out KL per domain for a sample of the study's last-iteration candidates, and
+    which proxy (the fitness, the held-back score, KL on each calibration corpus, their mean or maximum)
+    best ranks the candidates by their mean held-out KL."""
+    trials = sample_trials(study, count)
+    record = study.user_attrs[f"iteration{study.user_attrs[ITERATION]}"]
+    supernet = Supernet.load(record["supernet"])
+    layers = len(supernet.grid)
+    rows = [{"trial": t.number, "fitness": t.values[0], "validation": record.get(VALIDATION, {}).get(str(t.number)),
+             "attention_free_layers": sum(keep[0] == 0 for keep in t.user_attrs["keeps"]),
+             "min_mlp_keep": min(keep[2] for keep in t.user_attrs["keeps"]), "kl": {}} for t in trials]
+    for name, batches in {**domains, **calibration}.items():
+        reference = evaluate.dense_topk(dense, batches, k=256, progress=False)
+        evaluator = CandidateEvaluator(model=dense, supernet=supernet, reference=reference)
+        for row, trial in zip(rows, trials, strict=True):
+            row["kl"][name] = evaluator.fitness(params_to_levels(trial.params, layers), evaluator.sequences)
+    held_out = [sum(r["kl"][d] for d in domains) / len(domains) for r in rows]
+    proxies = {"fitness": [r["fitness"] for r in rows],
+               **{name: [r["kl"][name] for r in rows] for name in calibration},
+               "mean of calibration KL": [sum(r["kl"][c] for c in calibration) / len(calibration) for r in rows],
+               "max of calibration KL": [max(r["kl"][c] for c in calibration) for r in rows]}
+    return {"rows": rows,
+            "spearman": {name: spearman(proxies["fitness"], [r["kl"][name] for r in rows]) for name in domains},
+            "proxies": {name: spearman(values, held_out) for name, values in proxies.items()}}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Table
+
+
+def summarize(results: dict) -> None:
+    """Per target: each row's ratio to the best one-shot row per domain and their geometric mean."""
+    for row_set in results["targets"].values():
+        rows = row_set["rows"]
+        for row in rows.values():
+            if all(name in rows and domain in rows[name]["ppl"] for name in ONE_SHOT for domain in row["ppl"]):
+                row["ratio"] = {d: ppl / min(rows[n]["ppl"][d] for n in ONE_SHOT) for d, ppl in row["ppl"].items()}
+                row["geomean_ratio"] = math.exp(sum(map(math.log, row["ratio"].values())) / len(row["ratio"]))
+
+
+def table(results: dict) -> str:
+    domains = results["settings"]["domains"]
+    dense = results.get("dense", {})
+    lines = ["| target | allocation | sparsity | " + " | ".join(domains) + " | geo-mean ratio | zero-shot avg |",
+             "|---|---|---|" + "---|" * len(domains) + "---|---|"]
+
+    def zs(row: dict) -> str:
+        z = row.get("zero_shot")
+        return f"{100 * z['average']:.1f} ± {100 * z['se']:.1f}" if z else "-"
+
+    lines.append("| - | dense | 0 | " + " | ".join(f"{dense['ppl'][d]:.2f}" if d in dense.get("ppl", {}) else "-"
+                                                   for d in domains) + f" | - | {zs(dense)} |")
+    for target, row_set in sorted(results["targets"].items()):
+        for name in ROWS[1:]:
+            row = row_set["rows"].get(name)
+            if row is None:
+                continue
+            cells = []
+            for d in domains:
+                ppl = row["ppl"].get(d)
+                ratio = row.get("ratio", {}).get(d)
+                cells.append("-" if ppl is None else f"{ppl:.2f}" + (f" ({ratio:.2f})" if ratio else ""))
+            geo = f"{row['geomean_ratio']:.2f}" if "geomean_ratio" in row else "-"
+            lines.append(f"| {target} | {name} | {row['sparsity']:.3f} | {' | '.join(cells)} | {geo} | {zs(row)} |")
+    lines += ["", "| target | search | candidates | " + " | ".join(f"ρ {d}" for d in domains)
+              + " | winner: attention-free layers, least MLP channels | wall time s |",
+              "|---|---|---|" + "---|" * len(domains) + "---|---|"]
+    for target, row_set in sorted(results["targets"].items()):
+        for name, cand in row_set.get("candidates", {}).items():
+            rho = " | ".join(f"{cand['spearman'][d]:.2f}" if d in cand["spearman"] else "-" for d in domains)
+            row = row_set["rows"].get(name, {})
+            shape = row.get("shape", {})
+            lines.append(f"| {target} | {name} | {len(cand['rows'])} | {rho} | {shape.get('attention_free', '-')}, "
+                         f"{shape.get('min_mlp', '-')} | {row.get('search_seconds', 0):.0f} |")
+    proxy_rows = [(t, n, c) for t, rs in sorted(results["targets"].items()) for n, c in rs.get("candidates", {}).items()
+                  if "proxies" in c]
+    if proxy_rows:
+        names = list(proxy_rows[0][2]["proxies"])
+        lines += ["", "| target | search | " + " | ".join(f"ρ {p}" for p in names) + " |",
+                  "|---|---|" + "---|" * len(names)]
+        lines += [f"| {t} | {n} | " + " | ".join(f"{c['proxies'][p]:.2f}" for p in names) + " |"
+                  for t, n, c in proxy_rows]
+    st = results["settings"]
+    rows = [results.get("dense", {})] + [r for rs in results["targets"].values() for r in rs["rows"].values()]
+    examples = max((r["zero_shot"]["limit"] for r in rows if "zero_shot" in r), default=0)
+    lines += ["", f"SmolLM2-135M, local pruner osscar everywhere, {st['calib_seqs']} calibration sequences of 512. "
+              f"Perplexity at seq 512 on the first {st['eval_tokens']} tokens of each held-out domain "
+              "(`tyrsearch.texts`: none is calibration text, each deduplicated against c4 and wiki); in parentheses "
+              "the ratio to the best of uniform and owl on that domain; geo-mean ratio: their geometric mean. "
+              "Zero-shot: mean acc_norm of "
+              f"ARC-Easy, PIQA, HellaSwag and WinoGrande ({examples} examples each; ± the standard error of "
+              "the mean). ρ: Spearman rank correlation, over a sample of the search's last-iteration candidates, of "
+              f"the search's fitness with the KL to the dense model on {st['candidate_tokens']} tokens of each domain. "
+              "Second ρ table: how well each proxy ranks the same candidates by their mean held-out KL (c4, wiki: "
+              "KL on the first tokens of each calibration corpus)."]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+def evaluate_row(model, tokenizer, row: dict, domains: dict[str, torch.Tensor], zero_shot_limit: int,
+                 commit) -> None:
+    for name, batches in domains.items():
+        if name not in row["ppl"]:
+            row["ppl"][name] = evaluate.perplexity(model, batches, progress=False)["ppl"]
+            print(f"  {name}: ppl {row['ppl'][name]:.2f}", flush=True)
+            commit()
+    if zero_shot_limit and row.get("zero_shot", {}).get("limit") != zero_shot_limit:
+        row["zero_shot"] = zero_shot(model, tokenizer, zero_shot_limit)
+        print(f"  zero-shot {100 * row['zero_shot']['average']:.1f}", flush=True)
+        commit()
+
+
+def run(args) -> None:
+    settings = {"eval_tokens": args.eval_tokens, "calib_seqs": args.calib_seqs, "domains": list(texts.HELD_OUT_DOMAINS),
+                "candidate_tokens": args.candidate_tokens}
+    results = load(NAME)
+    if {k: v for k, v in results.get("settings", {}).items() if k in ("eval_tokens", "calib_seqs")} != \
+            {k: settings[k] for k in ("eval_tokens", "calib_seqs")}:
+        results = {}
+    results.update(settings=settings, environment=environment())
+    results.setdefault("targets", {})
+
+    def commit() -> None:
+        summarize(results)
+        save(NAME, results, table(results))
+
+    dense, tokenizer = assets.load_model(MODEL)
+    shapes, dims = adapter_for(dense).shapes(dense), dims_of(dense)
+    domains = {d: data.eval_batches(tokenizer, texts.read_text(d), seq_len=512, max_tokens=args.eval_tokens)
+               for d in texts.HELD_OUT_DOMAINS}
+    calibration = {c: data.eval_batches(tokenizer, texts.read_text(c), seq_len=512, max_tokens=args.candidate_tokens)
+                   for c in ("c4", "wiki")}  # the first tokens of each; the searches' fitness draws random windows
+    print("dense", flush=True)
+    results.setdefault("dense", {"ppl": {}})
+    evaluate_row(dense, tokenizer, results["dense"], domains, 0, commit)
+    for target in args.targets:
+        row_set = results["targets"].setdefault(str(target), {"rows": {}})
+        for name in ROWS[1:]:
+            print(f"{target} {name}", flush=True)
+            if name == "knapsack start":
+                made(target, "searched", args.calib_seqs)
+                model = knapsack_start(dense, target)
+            else:
+                path = made(target, name, args.calib_seqs)
+                model, _ = assets.load_model(str(path))
+            row = row_set["rows"].setdefault(name, {"ppl": {}})
+            if name in SEARCHES:
+                times = json.loads((folder(target, name) / "result.json").read_text())["times_s"]
+                row["search_seconds"] = times["supernet"] + times["sensitivity"] + times["search"]
+            pruned = adapter_for(model).shapes(model)
+            row["sparsity"] = sparsity_of(pruned, shapes, dims)
+            row["shape"] = {"attention_free": sum(s.q_heads == 0 for s in pruned),
+                            "min_mlp": min(s.intermediate for s in pruned)}
+            evaluate_row(model, tokenizer, row, domains, 0, commit)
+        if args.candidates:
+            sample = {d: b[: -(-args.candidate_tokens // 512)] for d, b in domains.items()}
+            for name in SEARCHES:
+                known = row_set.setdefault("candidates", {}).get(name)
+                if known is None or set(known["spearman"]) != set(sample) or "proxies" not in known:
+                    print(f"{target} {name}: candidate table", flush=True)
+                    row_set["candidates"][name] = candidate_table(dense, study_of(target, name), sample,
+                                                                  calibration, args.candidates)
+                    commit()
+    if args.zero_shot:  # last: the slowest figures
+        print("zero-shot", flush=True)
+        evaluate_row(dense, tokenizer, results["dense"], {}, args.zero_shot, commit)
+        for target in args.targets:
+            for name in ROWS[1:]:
+                print(f"{target} {name}: zero-shot", flush=True)
+                model = knapsack_start(dense, target) if name == "knapsack start" else \
+                    assets.load_model(str(made(target, name, args.calib_seqs)))[0]
+                evaluate_row(model, tokenizer, results["targets"][str(target)]["rows"][name], {}, args.zero_shot,
+                             commit)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--targets", type=float, nargs="+", default=[0.3, 0.5])
+    parser.add_argument("--eval-tokens", type=int, default=16384, help="held-out tokens per domain")
+    parser.add_argument("--calib-seqs", type=int, default=32)
+    parser.add_argument("--zero-shot", type=int, default=500, help="examples per zero-shot task (0: skip)")
+    parser.add_argument("--candidates", type=int, default=16, help="candidates per search in the table (0: skip)")
+    parser.add_argument("--candidate-tokens", type=int, default=4096, help="tokens per domain per candidate")
+    run(parser.parse_args())
+
+
+if __name__ == "__main__":
+    main()
