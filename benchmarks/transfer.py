@@ -6,7 +6,8 @@ Side by side, at each target, with the same local pruner (osscar) and SmolLM2-13
     knapsack start        the default search's first start candidate (per-layer sensitivities + a DP)
     searched (wave 1)     `tyrsearch search --calib c4 --space benchmarks/spaces/llama-wave1.yaml
                           --sensitivity-seqs 1` (the defaults before this benchmark)
-    searched              `tyrsearch search` with the defaults
+    searched (...)        the steps between wave 1 and today's defaults, one row each (SEARCHES)
+    searched              `tyrsearch search` with today's defaults
 Per row: perplexity (seq 512) on every held-out domain of `tyrsearch.texts` (none of them calibration text),
 its ratio to the best one-shot row of that domain, the geometric mean of those ratios, and zero-shot
 accuracy (acc_norm of ARC-Easy, PIQA, HellaSwag, WinoGrande) with standard errors.
@@ -27,6 +28,7 @@ import argparse
 import copy
 import json
 import math
+import re
 import subprocess
 import sys
 import time
@@ -50,16 +52,20 @@ MODEL = "smollm2-135m"
 RUNS = ROOT / "runs" / "transfer"
 TYRSEARCH = str(Path(sys.executable).with_name("tyrsearch"))
 ONE_SHOT = ("uniform", "owl")
-SEARCHES = {  # row name -> the search's extra CLI flags
-    "searched (wave 1)": ["--calib", "c4", "--space", str(ROOT / "benchmarks" / "spaces" / "llama-wave1.yaml"),
-                          "--sensitivity-seqs", "1"],
-    "searched": [],
+SPACES = ROOT / "benchmarks" / "spaces"
+SEARCHES = {  # row name -> the search's extra CLI flags: today's defaults, wave 1, and the steps between
+    "searched": [],  # today's defaults: c4,wiki, 16k fitness tokens, held-back choice, MLP channels only (>= 1/4)
+    "searched (wave 1)": ["--calib", "c4", "--space", str(SPACES / "llama-wave1.yaml"), "--sensitivity-seqs", "1"],
+    "searched (c4,wiki, 16k fitness, held-back)": ["--space", str(SPACES / "llama-attention-removable.yaml")],
+    "searched (+ attention kept)": ["--space", str(SPACES / "llama-attention-kept.yaml")],
+    "searched (+ MLP floor)": ["--space", str(SPACES / "llama-mlp-floor.yaml")],
 }
+DEFAULT = "searched"
 ROWS = ("dense", *ONE_SHOT, "knapsack start", *SEARCHES)
 
 
 def folder(target: float, row: str) -> Path:
-    return RUNS / f"t{target}-{row.replace(' ', '-').replace('(', '').replace(')', '')}"
+    return RUNS / f"t{target}-{re.sub(r'[^a-z0-9]+', '-', row.lower()).strip('-')}"
 
 
 def cli(*args: str) -> None:
@@ -91,7 +97,7 @@ def study_of(target: float, row: str) -> optuna.Study:
 
 def knapsack_start(dense, target: float):
     """The default search's first start candidate, cut from its cached first supernet."""
-    record = study_of(target, "searched").user_attrs["iteration0"]
+    record = study_of(target, DEFAULT).user_attrs["iteration0"]
     levels = params_to_levels(record["start"], len(adapter_for(dense).shapes(dense)))
     return Supernet.load(record["supernet"]).apply(copy.deepcopy(dense), levels)
 
@@ -178,27 +184,32 @@ def candidate_table(dense, study: optuna.Study, domains: dict[str, torch.Tensor]
 
 
 def summarize(results: dict) -> None:
-    """Per target: each row's ratio to the best one-shot row per domain and their geometric mean."""
+    """Per target: each row's ratio to the best one-shot row per domain and, once every domain is measured,
+    their geometric mean."""
+    domains = results["settings"]["domains"]
     for row_set in results["targets"].values():
         rows = row_set["rows"]
         for row in rows.values():
             if all(name in rows and domain in rows[name]["ppl"] for name in ONE_SHOT for domain in row["ppl"]):
                 row["ratio"] = {d: ppl / min(rows[n]["ppl"][d] for n in ONE_SHOT) for d, ppl in row["ppl"].items()}
-                row["geomean_ratio"] = math.exp(sum(map(math.log, row["ratio"].values())) / len(row["ratio"]))
+            if set(row.get("ratio", {})) == set(domains):
+                row["geomean_ratio"] = math.exp(sum(map(math.log, row["ratio"].values())) / len(domains))
+            else:
+                row.pop("geomean_ratio", None)
 
 
 def table(results: dict) -> str:
     domains = results["settings"]["domains"]
     dense = results.get("dense", {})
-    lines = ["| target | allocation | sparsity | " + " | ".join(domains) + " | geo-mean ratio | zero-shot avg |",
-             "|---|---|---|" + "---|" * len(domains) + "---|---|"]
+    lines = ["| target | allocation | sparsity | " + " | ".join(domains) + " | geo-mean ratio | zero-shot avg | "
+             "search min |", "|---|---|---|" + "---|" * len(domains) + "---|---|---|"]
 
     def zs(row: dict) -> str:
         z = row.get("zero_shot")
         return f"{100 * z['average']:.1f} ± {100 * z['se']:.1f}" if z else "-"
 
     lines.append("| - | dense | 0 | " + " | ".join(f"{dense['ppl'][d]:.2f}" if d in dense.get("ppl", {}) else "-"
-                                                   for d in domains) + f" | - | {zs(dense)} |")
+                                                   for d in domains) + f" | - | {zs(dense)} | - |")
     for target, row_set in sorted(results["targets"].items()):
         for name in ROWS[1:]:
             row = row_set["rows"].get(name)
@@ -210,17 +221,15 @@ def table(results: dict) -> str:
                 ratio = row.get("ratio", {}).get(d)
                 cells.append("-" if ppl is None else f"{ppl:.2f}" + (f" ({ratio:.2f})" if ratio else ""))
             geo = f"{row['geomean_ratio']:.2f}" if "geomean_ratio" in row else "-"
-            lines.append(f"| {target} | {name} | {row['sparsity']:.3f} | {' | '.join(cells)} | {geo} | {zs(row)} |")
-    lines += ["", "| target | search | candidates | " + " | ".join(f"ρ {d}" for d in domains)
-              + " | winner: attention-free layers, least MLP channels | wall time s |",
-              "|---|---|---|" + "---|" * len(domains) + "---|---|"]
+            minutes = f"{row['search_seconds'] / 60:.1f}" if "search_seconds" in row else "-"
+            lines.append(f"| {target} | {name} | {row['sparsity']:.3f} | {' | '.join(cells)} | {geo} | {zs(row)} | "
+                         f"{minutes} |")
+    lines += ["", "| target | search | candidates | " + " | ".join(f"ρ {d}" for d in domains) + " |",
+              "|---|---|---|" + "---|" * len(domains)]
     for target, row_set in sorted(results["targets"].items()):
         for name, cand in row_set.get("candidates", {}).items():
             rho = " | ".join(f"{cand['spearman'][d]:.2f}" if d in cand["spearman"] else "-" for d in domains)
-            row = row_set["rows"].get(name, {})
-            shape = row.get("shape", {})
-            lines.append(f"| {target} | {name} | {len(cand['rows'])} | {rho} | {shape.get('attention_free', '-')}, "
-                         f"{shape.get('min_mlp', '-')} | {row.get('search_seconds', 0):.0f} |")
+            lines.append(f"| {target} | {name} | {len(cand['rows'])} | {rho} |")
     proxy_rows = [(t, n, c) for t, rs in sorted(results["targets"].items()) for n, c in rs.get("candidates", {}).items()
                   if "proxies" in c]
     if proxy_rows:
@@ -289,7 +298,7 @@ def run(args) -> None:
         for name in ROWS[1:]:
             print(f"{target} {name}", flush=True)
             if name == "knapsack start":
-                made(target, "searched", args.calib_seqs)
+                made(target, DEFAULT, args.calib_seqs)
                 model = knapsack_start(dense, target)
             else:
                 path = made(target, name, args.calib_seqs)
@@ -303,25 +312,28 @@ def run(args) -> None:
             row["shape"] = {"attention_free": sum(s.q_heads == 0 for s in pruned),
                             "min_mlp": min(s.intermediate for s in pruned)}
             evaluate_row(model, tokenizer, row, domains, 0, commit)
-        if args.candidates:
-            sample = {d: b[: -(-args.candidate_tokens // 512)] for d, b in domains.items()}
-            for name in SEARCHES:
-                known = row_set.setdefault("candidates", {}).get(name)
-                if known is None or set(known["spearman"]) != set(sample) or "proxies" not in known:
-                    print(f"{target} {name}: candidate table", flush=True)
-                    row_set["candidates"][name] = candidate_table(dense, study_of(target, name), sample,
-                                                                  calibration, args.candidates)
-                    commit()
-    if args.zero_shot:  # last: the slowest figures
-        print("zero-shot", flush=True)
-        evaluate_row(dense, tokenizer, results["dense"], {}, args.zero_shot, commit)
-        for target in args.targets:
-            for name in ROWS[1:]:
-                print(f"{target} {name}: zero-shot", flush=True)
-                model = knapsack_start(dense, target) if name == "knapsack start" else \
-                    assets.load_model(str(made(target, name, args.calib_seqs)))[0]
-                evaluate_row(model, tokenizer, results["targets"][str(target)]["rows"][name], {}, args.zero_shot,
-                             commit)
+    for target in args.targets if args.zero_shot else ():  # before the candidate tables: the headline metric
+        row_set = results["targets"][str(target)]
+        for name in ("dense", *ROWS[1:]):
+            print(f"{target} {name}: zero-shot", flush=True)
+            if name == "dense":
+                model = dense
+            elif name == "knapsack start":
+                model = knapsack_start(dense, target)
+            else:
+                model = assets.load_model(str(made(target, name, args.calib_seqs)))[0]
+            row = results["dense"] if name == "dense" else row_set["rows"][name]
+            evaluate_row(model, tokenizer, row, {}, args.zero_shot, commit)
+    for target in args.targets if args.candidates else ():
+        row_set = results["targets"][str(target)]
+        sample = {d: b[: -(-args.candidate_tokens // 512)] for d, b in domains.items()}
+        for name in (DEFAULT, "searched (wave 1)"):  # today's and wave 1's; the steps between cost as much again
+            known = row_set.setdefault("candidates", {}).get(name)
+            if known is None or set(known["spearman"]) != set(sample) or "proxies" not in known:
+                print(f"{target} {name}: candidate table", flush=True)
+                row_set["candidates"][name] = candidate_table(dense, study_of(target, name), sample, calibration,
+                                                              args.candidates)
+                commit()
 
 
 def main() -> None:

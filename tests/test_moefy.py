@@ -195,7 +195,8 @@ def test_moefy_command_writes_a_loadable_mixtral_and_reports_both_perplexities(f
 
 @pytest.mark.integration
 def test_smollm2_with_every_expert_active_is_the_dense_model():
-    from tyrsearch.assets import load_model, read_text
+    from tyrsearch.assets import load_model
+    from tyrsearch.texts import read_text
     from tyrsearch.data import calibration_batches
 
     model, tokenizer = load_model("smollm2-135m")

@@ -1,5 +1,6 @@
 """Search-space YAML: the bundled spaces load and fit their models; every mistake is one clear error."""
 
+import math
 from importlib import resources
 
 import pytest
@@ -8,6 +9,7 @@ import yaml
 from tests.conftest import tiny_gemma3, tiny_llama
 from tyrsearch.errors import UserError
 from tyrsearch.models import adapter_for
+from tyrsearch.search import driver
 from tyrsearch.space import Stage, Validation, load_space, parse_space
 
 
@@ -51,6 +53,7 @@ def test_a_yaml_file_path_works(tmp_path):
     (lambda r: r.update(validation={"candidates": 0, "tokens": 512}), "validation.candidates must be an integer >= 1"),
     (lambda r: r.update(validation={"candidates": 2, "sequences": 4}), "unknown key 'sequences' in validation"),
     (lambda r: r.update(validation=[4]), "validation must be a mapping"),
+    (lambda r: r["units"]["mlp"].update(min_keep=1.5), "min_keep must be a count of units or a fraction in"),
 ])
 def test_malformed_spaces_are_refused(change, message):
     raw = _llama_raw()
@@ -86,3 +89,17 @@ def test_unknown_names_and_broken_yaml(tmp_path):
         load_space(str(broken))
     with pytest.raises(UserError, match="not found"):
         load_space(str(tmp_path / "missing.yaml"))
+
+
+def test_a_fractional_min_keep_is_a_share_of_each_layers_units():
+    raw = _llama_raw()
+    raw["units"]["mlp"]["min_keep"] = 0.25
+    space = parse_space(raw)
+    assert space.units["mlp"].floor(1536) == 384 and space.units["mlp"].floor(50) == 13  # rounded up
+    raw["units"]["q_heads"]["min_keep"] = 1
+    assert parse_space(raw).units["q_heads"].floor(3) == 1  # a count stays a count
+    model = tiny_llama()
+    adapter = adapter_for(model)
+    dense = adapter.shapes(model)
+    floor = driver.floor_of(space, dense)
+    assert [s.intermediate for s in floor] == [math.ceil(0.25 * s.intermediate) for s in dense]

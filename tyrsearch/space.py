@@ -1,13 +1,14 @@
 """Search spaces: what the global search varies, for one model family, read from YAML.
 
-A space names the unit types searched, how far each may be cut (`min_keep` units per layer, a level
-`step` in units), the level count L (levels -L..L around a centre), and the schedule: coarse-to-fine
-iterations, generations, offspring and the multi-step selection (how many candidates survive to be
-evaluated on how many tokens). Every mistake in a YAML file is a one-line UserError.
+A space names the unit types searched, how far each may be cut (`min_keep` units per layer, or a
+fraction of them; a level `step` in units), the level count L (levels -L..L around a centre), and the
+schedule: coarse-to-fine iterations, generations, offspring and the multi-step selection (how many
+candidates survive to be evaluated on how many tokens). Every mistake in a YAML file is a one-line UserError.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from importlib import resources
 from pathlib import Path
@@ -20,10 +21,15 @@ from tyrsearch.models import ATTENTION_UNITS, EXPERTS, KV_GROUPS, MLP, Q_HEADS, 
 
 @dataclass(frozen=True)
 class UnitSpace:
-    """How one unit type is searched. q_heads count per KV group; 0 kept units removes the block."""
+    """How one unit type is searched. q_heads count per KV group; 0 kept units removes the block.
+    `min_keep` is a count of units, or, below 1, a fraction of each layer's dense units (rounded up)."""
 
-    min_keep: int
+    min_keep: int | float
     step: int
+
+    def floor(self, units: int) -> int:
+        """The fewest units a layer with `units` dense units may keep."""
+        return math.ceil(self.min_keep * units) if isinstance(self.min_keep, float) else self.min_keep
 
 
 @dataclass(frozen=True)
@@ -72,7 +78,7 @@ class SearchSpace:
             for i, shape in enumerate(shapes):
                 if unit == EXPERTS and not shape.experts:
                     continue  # a dense MLP layer of an MoE model (Qwen2-MoE's mlp_only_layers)
-                if space.min_keep > shape.units(unit):
+                if space.floor(shape.units(unit)) > shape.units(unit):
                     raise UserError(f"search space: {unit} min_keep {space.min_keep} is above layer {i}'s "
                                     f"{shape.units(unit)} units; lower min_keep")
 
@@ -97,6 +103,14 @@ def _positive(value, where: str, *, minimum: int = 1) -> int:
     return value
 
 
+def _min_keep(value, where: str) -> int | float:
+    if isinstance(value, float) and 0 <= value < 1:
+        return value
+    if isinstance(value, float):
+        raise UserError(f"search space: {where} must be a count of units or a fraction in [0, 1), got {value!r}")
+    return _positive(value, where, minimum=0)
+
+
 def parse_space(raw, *, source: str = "<yaml>") -> SearchSpace:
     """A validated SearchSpace from the parsed YAML of `source`."""
     top = _mapping(raw, source, SearchSpace)
@@ -113,7 +127,7 @@ def parse_space(raw, *, source: str = "<yaml>") -> SearchSpace:
             raise UserError(f"search space {source}: unknown unit type {unit!r}; use {KV_GROUPS}, {Q_HEADS}, {MLP} "
                             f"or {EXPERTS}")
         spec = _mapping(spec, f"units.{unit}", UnitSpace)
-        units[unit] = UnitSpace(min_keep=_positive(spec.get("min_keep", 0), f"units.{unit}.min_keep", minimum=0),
+        units[unit] = UnitSpace(min_keep=_min_keep(spec.get("min_keep", 0), f"units.{unit}.min_keep"),
                                 step=_positive(spec.get("step"), f"units.{unit}.step"))
     if sum(u in ATTENTION_UNITS for u in units) > 1:
         raise UserError(f"search space {source}: choose one attention unit type ({KV_GROUPS} or {Q_HEADS}); "

@@ -183,7 +183,7 @@ def build_supernet(model: nn.Module, criterion: Criterion, batches: torch.Tensor
                 continue  # a dense MLP layer of an MoE model: no experts to search
             spec = space.units[unit]
             keeps = level_keeps(centre=centre[idx].units(unit), step=spec.step, levels=space.levels,
-                                min_keep=spec.min_keep, units=shape.units(unit))
+                                min_keep=spec.floor(shape.units(unit)), units=shape.units(unit))
             grid[idx][unit] = keeps
             group = adapter.group(state, shape, unit, head_dim=head_dim)
             if unit == EXPERTS:

@@ -6,7 +6,8 @@
         generations 1..G: the sampler plans N candidates as WAITING trials; workers (this process, or
             others on the same storage: see worker.py) evaluate each on the first stage's tokens, the
             SelectionPruner keeps the best for the next stage, ...; the last stage's survivors complete
-        winner_k: the best complete trial of the iteration (the parent competes: elitist)
+        winner_k: the best complete trial of the iteration (the parent competes: elitist), or, where the
+            space has a validation stage, the best on held-back tokens of the iteration's few best
 
 The search plans and waits; it does not know where the candidates are evaluated (a runner hands it the
 `work` to do in between). Everything it knows is in the study, so a rerun with the same storage resumes
@@ -34,7 +35,7 @@ from tyrsearch import allocation, evaluate
 from tyrsearch.budget import LATENCY_BAND, Budget, FlopsBudget, LatencyTable, ParamsBudget, limit
 from tyrsearch.errors import UserError
 from tyrsearch.local import make_criterion
-from tyrsearch.models import LayerShape, adapter_for
+from tyrsearch.models import ATTENTION_UNITS, LayerShape, adapter_for
 from tyrsearch.search.candidates import CandidateEvaluator, Levels
 from tyrsearch.search.knapsack import knapsack_levels
 from tyrsearch.search.samplers import (
@@ -109,7 +110,7 @@ def floor_of(space: SearchSpace, dense: list[LayerShape]) -> list[LayerShape]:
     floor = []
     for shape in dense:
         for unit, spec in space.units.items():
-            shape = shape.with_units(unit, min(spec.min_keep, shape.units(unit)))
+            shape = shape.with_units(unit, min(spec.floor(shape.units(unit)), shape.units(unit)))
         floor.append(shape)
     return floor
 
@@ -118,8 +119,10 @@ def check_reachable(space: SearchSpace, dense: list[LayerShape], budget: Budget,
     """Refuse up front a target that min_keep (or the budget's fixed part) makes unreachable."""
     reachable = 1 - budget.total(floor_of(space, dense)) / budget.total(dense)
     if reachable < target:
+        wider = "" if any(unit in ATTENTION_UNITS for unit in space.units) else \
+            " (or search attention too, e.g. --space llama-heads)"
         raise UserError(f"target {target} cannot be reached: the space's min_keep allows removing at most "
-                        f"{reachable:.3f} of the dense model's {budget.name}; lower the target or min_keep")
+                        f"{reachable:.3f} of the dense model's {budget.name}; lower the target or min_keep{wider}")
 
 
 def uniform_centre(dense: list[LayerShape], dims: allocation.Dims, target: float) -> list[LayerShape]:
