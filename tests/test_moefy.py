@@ -196,8 +196,8 @@ def test_moefy_command_writes_a_loadable_mixtral_and_reports_both_perplexities(f
 @pytest.mark.integration
 def test_smollm2_with_every_expert_active_is_the_dense_model():
     from tyrsearch.assets import load_model
-    from tyrsearch.texts import read_text
     from tyrsearch.data import calibration_batches
+    from tyrsearch.texts import read_text
 
     model, tokenizer = load_model("smollm2-135m")
     batches = calibration_batches(tokenizer, read_text("c4")[:20000], seq_len=64, count=2)

@@ -13,7 +13,8 @@ from tyrsearch.search import driver
 from tyrsearch.space import Stage, Validation, load_space, parse_space
 
 
-@pytest.mark.parametrize(("name", "factory"), [("llama", tiny_llama), ("gemma3", tiny_gemma3)])
+@pytest.mark.parametrize(("name", "factory"), [("llama", tiny_llama), ("llama-heads", tiny_llama),
+                                              ("gemma3", tiny_gemma3)])
 def test_bundled_spaces_load_and_fit_their_family(name, factory):
     space = load_space(name)
     model = factory()
@@ -29,7 +30,8 @@ def test_bundled_spaces_load_and_fit_their_family(name, factory):
 
 
 def _llama_raw():
-    return yaml.safe_load((resources.files("tyrsearch.search_spaces") / "llama.yaml").read_text())
+    """The bundled space with both Llama unit types (query heads and MLP channels)."""
+    return yaml.safe_load((resources.files("tyrsearch.search_spaces") / "llama-heads.yaml").read_text())
 
 
 def test_a_yaml_file_path_works(tmp_path):

@@ -75,3 +75,12 @@ def test_dedupe_of_a_held_out_domain_removes_what_calibration_holds(monkeypatch)
     monkeypatch.setitem(texts.SOURCES, "docs", texts.TextSource("docs", texts.HELD_OUT, "test",
                                                                 lambda: raw + "\n\n" + planted))
     assert planted not in texts.read_text("docs") and texts.read_text("docs") == texts.read_text("docs")
+
+
+def test_a_missing_or_damaged_archive_names_the_download_command(monkeypatch, tmp_path):
+    monkeypatch.setattr(texts, "assets_download_dir", lambda: tmp_path)
+    with pytest.raises(UserError, match="pip download --no-deps --no-binary brotli brotli==1.2.1"):
+        texts.read_text("literature")
+    (tmp_path / texts.BROTLI_SDIST).write_bytes(b"not a tar archive")
+    with pytest.raises(UserError, match="is damaged"):
+        texts.read_text("literature")
