@@ -29,6 +29,7 @@ import sys
 import sysconfig
 import tarfile
 from collections.abc import Callable, Iterable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -206,7 +207,7 @@ def _hash(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
 
 
-def dedupe(documents: Iterable[str], against: set[int], *, words: int = SHINGLE_WORDS) -> list[str]:
+def dedupe(documents: Iterable[str], against: AbstractSet[int], *, words: int = SHINGLE_WORDS) -> list[str]:
     """The documents that share no `words`-word shingle with `against` (shingles of other text)."""
     return [doc for doc in documents if not shingles(doc, words=words) & against]
 
@@ -218,7 +219,7 @@ def _calibration_shingles() -> frozenset[int]:
 
 def _held_out(source: TextSource) -> str:
     documents = source.load().split("\n\n")
-    return "\n\n".join(dedupe(documents, set(_calibration_shingles())))
+    return "\n\n".join(dedupe(documents, _calibration_shingles()))
 
 
 # ---------------------------------------------------------------------------------------------------------
