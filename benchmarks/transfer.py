@@ -6,7 +6,8 @@ Side by side, at each target, with the same local pruner (osscar) and SmolLM2-13
     knapsack start        the default search's first start candidate (per-layer sensitivities + a DP)
     searched (wave 1)     `tyrsearch search --calib c4 --space benchmarks/spaces/llama-wave1.yaml
                           --sensitivity-seqs 1` (the defaults before this benchmark)
-    searched (...)        the steps between wave 1 and today's defaults, one row each (SEARCHES)
+    searched (...)        the steps between wave 1 and today's defaults, one row each (SEARCHES; ppl only,
+                          at --ablation-targets)
     searched              `tyrsearch search` with today's defaults
 Per row: perplexity (seq 512) on every held-out domain of `tyrsearch.texts` (none of them calibration text),
 its ratio to the best one-shot row of that domain, the geometric mean of those ratios, and zero-shot
@@ -61,7 +62,9 @@ SEARCHES = {  # row name -> the search's extra CLI flags: today's defaults, wave
     "searched (+ MLP floor)": ["--space", str(SPACES / "llama-mlp-floor.yaml")],
 }
 DEFAULT = "searched"
+WAVE1 = "searched (wave 1)"
 ROWS = ("dense", *ONE_SHOT, "knapsack start", *SEARCHES)
+HEADLINE = ("dense", *ONE_SHOT, "knapsack start", DEFAULT, WAVE1)  # the rows with zero-shot at every target
 
 
 def folder(target: float, row: str) -> Path:
@@ -296,6 +299,11 @@ def run(args) -> None:
     for target in args.targets:
         row_set = results["targets"].setdefault(str(target), {"rows": {}})
         for name in ROWS[1:]:
+            if name not in HEADLINE and target not in args.ablation_targets:
+                continue
+            row = row_set["rows"].setdefault(name, {"ppl": {}})
+            if set(row["ppl"]) == set(domains) and "sparsity" in row:
+                continue  # measured; its model is made again only if a later step needs it
             print(f"{target} {name}", flush=True)
             if name == "knapsack start":
                 made(target, DEFAULT, args.calib_seqs)
@@ -303,7 +311,6 @@ def run(args) -> None:
             else:
                 path = made(target, name, args.calib_seqs)
                 model, _ = assets.load_model(str(path))
-            row = row_set["rows"].setdefault(name, {"ppl": {}})
             if name in SEARCHES:
                 times = json.loads((folder(target, name) / "result.json").read_text())["times_s"]
                 row["search_seconds"] = times["supernet"] + times["sensitivity"] + times["search"]
@@ -314,7 +321,10 @@ def run(args) -> None:
             evaluate_row(model, tokenizer, row, domains, 0, commit)
     for target in args.targets if args.zero_shot else ():  # before the candidate tables: the headline metric
         row_set = results["targets"][str(target)]
-        for name in ("dense", *ROWS[1:]):
+        for name in HEADLINE:
+            row = results["dense"] if name == "dense" else row_set["rows"][name]
+            if row.get("zero_shot", {}).get("limit") == args.zero_shot:
+                continue
             print(f"{target} {name}: zero-shot", flush=True)
             if name == "dense":
                 model = dense
@@ -322,12 +332,11 @@ def run(args) -> None:
                 model = knapsack_start(dense, target)
             else:
                 model = assets.load_model(str(made(target, name, args.calib_seqs)))[0]
-            row = results["dense"] if name == "dense" else row_set["rows"][name]
             evaluate_row(model, tokenizer, row, {}, args.zero_shot, commit)
     for target in args.targets if args.candidates else ():
         row_set = results["targets"][str(target)]
         sample = {d: b[: -(-args.candidate_tokens // 512)] for d, b in domains.items()}
-        for name in (DEFAULT, "searched (wave 1)"):  # today's and wave 1's; the steps between cost as much again
+        for name in (DEFAULT, WAVE1):  # today's and wave 1's; the steps between cost as much again
             known = row_set.setdefault("candidates", {}).get(name)
             if known is None or set(known["spearman"]) != set(sample) or "proxies" not in known:
                 print(f"{target} {name}: candidate table", flush=True)
@@ -339,6 +348,8 @@ def run(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--targets", type=float, nargs="+", default=[0.3, 0.5])
+    parser.add_argument("--ablation-targets", type=float, nargs="*", default=[0.5],
+                        help="targets that also get the rows between wave 1 and today's defaults")
     parser.add_argument("--eval-tokens", type=int, default=16384, help="held-out tokens per domain")
     parser.add_argument("--calib-seqs", type=int, default=32)
     parser.add_argument("--zero-shot", type=int, default=500, help="examples per zero-shot task (0: skip)")
