@@ -43,7 +43,7 @@ print(f"model: {out}/search/model, report: {out}/search/report.html")
 
 import statistics, time
 import numpy as np
-from tyrsearch.export.runtime import Decoder
+from tyrsearch.exporters.runtime import Decoder
 
 ids = np.random.default_rng(0).integers(0, 49152, (1, 512))
 def prefill_ms(path):  # median of 5 after a warm-up, batch 1, 512 tokens

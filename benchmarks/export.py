@@ -35,8 +35,8 @@ import torch
 from report import ROOT, environment, load, save
 
 from tyrsearch import assets, data, texts
-from tyrsearch.export.onnx_export import held_out_change, quantize_int8
-from tyrsearch.export.runtime import Decoder
+from tyrsearch.exporters.onnx_export import held_out_change, quantize_int8
+from tyrsearch.exporters.runtime import Decoder
 from tyrsearch.local import make_criterion
 from tyrsearch.materialize import save_pruned
 from tyrsearch.models import LayerShape

@@ -30,7 +30,7 @@ from report import ROOT, environment, load, save
 
 from tyrsearch import allocation, assets
 from tyrsearch.budget import LatencyTable
-from tyrsearch.export.latency import Workload, check, machine_id, table_for
+from tyrsearch.exporters.latency import Workload, check, machine_id, table_for
 from tyrsearch.models import LayerShape, adapter_for
 from tyrsearch.pruner import dims_of
 

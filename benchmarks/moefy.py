@@ -37,7 +37,7 @@ import torch
 from report import ROOT, environment, load, save
 from tqdm.auto import tqdm
 
-from tyrsearch import assets, evaluate, texts
+from tyrsearch import assets, metrics, texts
 from tyrsearch.calibration import LayerInputs
 from tyrsearch.data import calibration_batches, eval_batches
 from tyrsearch.models import adapter_for
@@ -164,7 +164,7 @@ def _ppl_with(model, adapter, batches: torch.Tensor, hooks: list) -> float:
     handles = [layer.mlp.down_proj.register_forward_pre_hook(hook)
                for layer, hook in zip(adapter.layers(model), hooks, strict=True)]
     try:
-        return evaluate.perplexity(model, batches, progress=False)["ppl"]
+        return metrics.perplexity(model, batches, progress=False)["ppl"]
     finally:
         for handle in handles:
             handle.remove()
@@ -178,7 +178,7 @@ def oracle_bounds() -> dict:
     adapter = adapter_for(model)
     held_out = eval_batches(tokenizer, texts.read_text("wiki-summaries"), seq_len=512, max_tokens=16384)
     downs = [layer.mlp.down_proj.weight for layer in adapter.layers(model)]
-    dense = evaluate.perplexity(model, held_out, progress=False)["ppl"]
+    dense = metrics.perplexity(model, held_out, progress=False)["ppl"]
     bounds = {"dense_ppl": dense, "neurons": {}, "experts": {}}
     for share in tqdm(NEURON_SHARES, desc="neuron oracle"):
         ppl = _ppl_with(model, adapter, held_out, [_keep_neurons(share, down) for down in downs])

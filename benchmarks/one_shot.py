@@ -19,7 +19,7 @@ import time
 import torch
 from report import environment, load, save
 
-from tyrsearch import assets, data, evaluate, texts
+from tyrsearch import assets, data, metrics, texts
 from tyrsearch.local import CRITERIA, make_criterion
 from tyrsearch.models import adapter_for
 from tyrsearch.pruner import OneShotConfig, one_shot
@@ -129,9 +129,9 @@ def run(args) -> None:
                                   data.calibration_batches(tokenizer, calib_tokens[model_ref], seq_len=args.seq_len,
                                                            count=args.calib_seqs, seed=0))}
             if model_ref not in results["dense"]:
-                ppl = evaluate.perplexity(dense, loaded[model_ref][2])
+                ppl = metrics.perplexity(dense, loaded[model_ref][2])
                 results["dense"][model_ref] = {"ppl": ppl["ppl"], "tokens": ppl["tokens"],
-                                               "decoder_params": evaluate.decoder_params(dense)}
+                                               "decoder_params": metrics.decoder_params(dense)}
                 save(NAME, results, table(results))
         dense, tokenizer, eval_ids, calib_ids = loaded[model_ref]
         model = copy.deepcopy(dense)
@@ -146,11 +146,11 @@ def run(args) -> None:
             report = one_shot(model, OneShotConfig(criterion=criterion, sparsity=sparsity, allocation=allocation),
                               calib_ids)
         prune_s = time.perf_counter() - start
-        ppl = evaluate.perplexity(model, eval_ids)
+        ppl = metrics.perplexity(model, eval_ids)
         dense_ppl = results["dense"][model_ref]["ppl"]
         row = {
             "model": model_ref, "criterion": criterion, "allocation": allocation, "sparsity": sparsity,
-            "achieved_sparsity": report["achieved_sparsity"], "decoder_params": evaluate.decoder_params(model),
+            "achieved_sparsity": report["achieved_sparsity"], "decoder_params": metrics.decoder_params(model),
             "ppl": ppl["ppl"], "ppl_ratio": ppl["ppl"] / dense_ppl, "tokens": ppl["tokens"],
             "prefill_speedup": prefill_speedup(dense, model, eval_ids[:2]), "prune_s": prune_s,
             "calib_tokens": int(calib_ids.numel()), "layers": report["layers"],

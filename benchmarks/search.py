@@ -22,7 +22,7 @@ from pathlib import Path
 import optuna
 from report import environment, load, save
 
-from tyrsearch import assets, data, evaluate, texts
+from tyrsearch import assets, data, metrics, texts
 from tyrsearch.allocation import sparsity_of
 from tyrsearch.models import adapter_for
 from tyrsearch.pruner import OneShotConfig, one_shot
@@ -128,12 +128,12 @@ def run(args) -> None:
     heldout = data.eval_batches(tokenizer, texts.read_text("wiki-summaries"), seq_len=512, max_tokens=args.eval_tokens)
     adapter = adapter_for(dense)
     if "dense" not in results:
-        results["dense"] = {**evaluate.perplexity(dense, heldout), "decoder_params": evaluate.decoder_params(dense)}
+        results["dense"] = {**metrics.perplexity(dense, heldout), "decoder_params": metrics.decoder_params(dense)}
         save(NAME, results, table(results))
 
     def record(target: str, name: str, model, sparsity: float) -> None:
         row = results["targets"].setdefault(target, {"ppl": {}, "sparsity": {}})
-        row["ppl"][name] = evaluate.perplexity(model, heldout)["ppl"]
+        row["ppl"][name] = metrics.perplexity(model, heldout)["ppl"]
         row["sparsity"][name] = sparsity
         save(NAME, results, table(results))
         print(f"{target} {name}: ppl {row['ppl'][name]:.2f}", flush=True)

@@ -39,7 +39,7 @@ import optuna
 import torch
 from report import ROOT, environment, load, save
 
-from tyrsearch import assets, data, evaluate, texts
+from tyrsearch import assets, data, metrics, texts
 from tyrsearch.allocation import sparsity_of
 from tyrsearch.models import adapter_for
 from tyrsearch.pruner import dims_of
@@ -112,7 +112,7 @@ def knapsack_start(dense, target: float):
 def zero_shot(model, tokenizer, limit: int) -> dict:
     """acc_norm per task with its standard error, and their mean (standard error of the mean of four)."""
     tasks = {}
-    for task, r in evaluate.zero_shot(model, tokenizer, limit=limit, progress=False).items():
+    for task, r in metrics.zero_shot(model, tokenizer, limit=limit, progress=False).items():
         tasks[task] = {"acc": r["acc_norm"], "se": math.sqrt(r["acc_norm"] * (1 - r["acc_norm"]) / (r["n"] - 1)),
                        "n": r["n"]}
     average = sum(t["acc"] for t in tasks.values()) / len(tasks)
@@ -168,7 +168,7 @@ def candidate_table(dense, study: optuna.Study, domains: dict[str, torch.Tensor]
              "attention_free_layers": sum(keep[0] == 0 for keep in t.user_attrs["keeps"]),
              "min_mlp_keep": min(keep[2] for keep in t.user_attrs["keeps"]), "kl": {}} for t in trials]
     for name, batches in {**domains, **calibration}.items():
-        reference = evaluate.dense_topk(dense, batches, k=256, progress=False)
+        reference = metrics.dense_topk(dense, batches, k=256, progress=False)
         evaluator = CandidateEvaluator(model=dense, supernet=supernet, reference=reference)
         for row, trial in zip(rows, trials, strict=True):
             row["kl"][name] = evaluator.fitness(params_to_levels(trial.params, layers), evaluator.sequences)
@@ -264,7 +264,7 @@ def evaluate_row(model, tokenizer, row: dict, domains: dict[str, torch.Tensor], 
                  commit) -> None:
     for name, batches in domains.items():
         if name not in row["ppl"]:
-            row["ppl"][name] = evaluate.perplexity(model, batches, progress=False)["ppl"]
+            row["ppl"][name] = metrics.perplexity(model, batches, progress=False)["ppl"]
             print(f"  {name}: ppl {row['ppl'][name]:.2f}", flush=True)
             commit()
     if zero_shot_limit and row.get("zero_shot", {}).get("limit") != zero_shot_limit:

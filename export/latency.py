@@ -35,9 +35,10 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from tyrsearch import assets
+from tyrsearch import allocation, assets
+from tyrsearch.atomic import write_json
 from tyrsearch.budget import LatencyTable
-from tyrsearch.export.onnx_export import ExportConfig, write_graph
+from tyrsearch.exporters.onnx_export import ExportConfig, write_graph
 from tyrsearch.materialize import pruned_config
 from tyrsearch.modeling import PRUNED_CLASSES
 from tyrsearch.models import LayerShape, adapter_for, base_model_type
@@ -157,10 +158,7 @@ def table_for(model: PreTrainedModel, workload: Workload, *, rebuild: bool = Fal
     if path.is_file() and not rebuild:
         return LatencyTable.from_dict(json.loads(path.read_text())), True
     table = build_table(model, workload, progress=progress)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps(table.to_dict(), indent=2) + "\n")
-    tmp.replace(path)  # readers see the whole table or none
+    write_json(path, table.to_dict())  # readers see the whole table or none
     return table, False
 
 
@@ -175,3 +173,27 @@ def check(model: PreTrainedModel, table: LatencyTable, plans: dict[str, list[Lay
         rows.append({"label": label, "estimate_ms": estimate, "measured_ms": measured,
                      "error": (estimate - measured) / measured})
     return rows
+
+
+def measure_model(model_ref: str, workload: Workload, *, check_models: int = 4, rebuild: bool = False,
+                  seed: int = 0) -> dict:
+    """`tyrsearch latency`: the table of `model_ref`'s blocks (cached per machine) and its estimates checked
+    against up to four whole models (dense, uniform 0.3 and 0.5, a random per-layer plan)."""
+    import random
+
+    from tyrsearch.pruner import dims_of
+
+    model, _ = assets.load_model(model_ref)
+    tic = time.perf_counter()
+    table, cached = table_for(model, workload, rebuild=rebuild)
+    built_s = time.perf_counter() - tic
+    dense, dims = adapter_for(model).shapes(model), dims_of(model)
+    rng = random.Random(seed)
+    plans = {"dense": dense, "uniform 0.3": allocation.uniform(dense, sparsity=0.3, dims=dims),
+             "uniform 0.5 (attention 0.5)": allocation.uniform(dense, sparsity=0.5, attention_sparsity=0.5, dims=dims),
+             "random per-layer": [s.with_units("q_heads", rng.randint(0, s.q_per_kv))
+                                  .with_units("mlp", rng.randint(0, s.intermediate)) for s in dense]}
+    rows = check(model, table, dict(list(plans.items())[:check_models]), workload)
+    return {"model": model_ref, "table_file": str(cache_file(model, workload)), "cached": cached,
+            "seconds": built_s, **table.to_dict(), "dense_estimate_ms": table.estimate(dense), "check": rows,
+            "mean_abs_error": sum(abs(r["error"]) for r in rows) / len(rows) if rows else None}

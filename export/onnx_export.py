@@ -32,9 +32,9 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from tyrsearch import data, texts
-from tyrsearch.errors import UserError
-from tyrsearch.export import runtime
-from tyrsearch.export.graphs import (
+from tyrsearch.errors import ParameterError
+from tyrsearch.exporters import runtime
+from tyrsearch.exporters.graphs import (
     DecoderGraph,
     PrefillGraph,
     empty_past,
@@ -43,7 +43,7 @@ from tyrsearch.export.graphs import (
     past_names,
     present_names,
 )
-from tyrsearch.export.smoothing import smooth_down_projections
+from tyrsearch.exporters.smoothing import smooth_down_projections
 
 MIN_OPSET, MAX_OPSET = 18, 23  # what the dynamo exporter writes and ONNX Runtime runs here
 SHAPES = ((1, 7), (3, 33))  # (batch, seq) of the parity inputs: unlike the traced (2, 16)
@@ -75,8 +75,8 @@ def load_for_export(folder: Path) -> tuple[PreTrainedModel, object]:
     tokens hit is data-dependent, which torch.export refuses. Dense models have no experts to set.
     """
     if not (folder / "config.json").is_file():
-        raise UserError(f"--model {folder} is not a model folder (no config.json); give a folder saved by "
-                        "`tyrsearch prune` / `search` or an HF model folder")
+        raise ParameterError("model", f"{folder} is not a model folder (no config.json); give a folder saved by "
+                                      "`tyrsearch prune` / `search` or an HF model folder")
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager",
                                                  experts_implementation="batched_mm")
     return model.eval(), AutoTokenizer.from_pretrained(folder)
@@ -85,16 +85,16 @@ def load_for_export(folder: Path) -> tuple[PreTrainedModel, object]:
 def export(model_dir: Path, out_file: Path, config: ExportConfig) -> dict:
     """Export, write the folder around `out_file`, verify; returns the figures (also in export.json)."""
     if config.int8_method not in INT8_METHODS:
-        raise UserError(f"--int8-method {config.int8_method!r} is unknown: choose {' or '.join(INT8_METHODS)}")
+        raise ParameterError("int8_method", f"{config.int8_method!r} is unknown: choose {' or '.join(INT8_METHODS)}")
     if not 0 <= config.int8_smooth <= 1:
-        raise UserError(f"--int8-smooth {config.int8_smooth} must be between 0 (no smoothing) and 1")
+        raise ParameterError("int8_smooth", f"{config.int8_smooth} must be between 0 (no smoothing) and 1")
     if not MIN_OPSET <= config.opset <= MAX_OPSET:
-        raise UserError(f"--opset {config.opset} is not supported: choose {MIN_OPSET} to {MAX_OPSET}")
+        raise ParameterError("opset", f"{config.opset} is not supported: choose {MIN_OPSET} to {MAX_OPSET}")
     if out_file.suffix != ".onnx":
-        raise UserError(f"--out {out_file} must name a .onnx file (its folder receives the tokenizer and config)")
+        raise ParameterError("out", f"{out_file} must name a .onnx file (its folder receives the tokenizer and config)")
     folder = out_file.parent
     if out_file.exists():
-        raise UserError(f"--out {out_file} already exists: choose a new path or remove it")
+        raise ParameterError("out", f"{out_file} already exists: choose a new path or remove it")
     model, tokenizer = load_for_export(Path(model_dir))
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder, prefix=".export-") as tmp_name:

@@ -1,37 +1,13 @@
 """The command line: help for every command, one-line errors with exit 2 and nothing written, and a
 prune -> reload -> eval round trip on a tiny model folder."""
 
-import contextlib
-import io
 import json
 import subprocess
 import sys
-from dataclasses import dataclass
 
 import pytest
 
-from tests.conftest import tiny_llama
-from tyrsearch.cli import main
-from tyrsearch.materialize import save_pruned
-
-
-@dataclass
-class Ran:
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-def run_cli(*args: str) -> Ran:
-    """The CLI's entry point in this process (a subprocess per call would re-import torch each time)."""
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main(list(args))
-        except SystemExit as exc:
-            code = exc.code
-    return Ran(code, out.getvalue(), err.getvalue())
+from tests.conftest import TINY_SPACE, run_cli, search_args, space_file
 
 
 def test_installed_entry_point_runs():
@@ -49,25 +25,14 @@ def test_prune_help_defines_sparsity():
     assert "embeddings and lm_head excluded" in " ".join(run_cli("prune", "--help").stdout.split())
 
 
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory, smollm2_folder):
-    """A tiny random Llama with SmolLM2's real tokenizer, saved as an HF folder."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_folder)
-    folder = tmp_path_factory.mktemp("tiny") / "model"
-    save_pruned(tiny_llama(vocab=len(tokenizer)), tokenizer, folder)
-    return folder
-
-
 BAD_INPUTS = [
     (["--model", "no/such/folder"], "not found"),
     (["--model", "llama-9000"], "known model aliases: smollm2-135m"),
-    (["--criterion", "psychic"], "unknown criterion 'psychic'"),
+    (["--criterion", "psychic"], "--criterion 'psychic' is unknown"),
     (["--sparsity", "1.0"], "--sparsity must be in [0, 1)"),
     (["--sparsity", "-0.1"], "--sparsity must be in [0, 1)"),
     (["--sparsity", "0.95"], "would remove every MLP channel"),
-    (["--allocation", "lottery"], "unknown allocation 'lottery'"),
+    (["--allocation", "lottery"], "--allocation 'lottery' is unknown"),
     (["--calib", "EMPTY"], "empty"),
     (["--calib", "no/such/text.txt"], "not found"),
 ]
@@ -150,39 +115,16 @@ def test_a_bad_search_space_is_exit_2(tiny_folder, text_file, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-TINY_SPACE = ("family: llama\nunits:\n  q_heads: {min_keep: 0, step: 1}\n  mlp: {min_keep: 8, step: 8}\n"
-              "levels: 2\niterations: 2\ngenerations: 2\noffspring: 4\n"
-              "selection:\n  - {survivors: 4, tokens: 32}\n  - {survivors: 1, tokens: 96}\n"
-              "fitness: {metric: kl, top_k: 16}\n")
-
-
-def space_file(tmp_path, text: str):
-    path = tmp_path / "space.yaml"
-    path.write_text(text)
-    return path
-
-
-@pytest.fixture
-def tiny_space(tmp_path):
-    return space_file(tmp_path, TINY_SPACE)
-
-
-def _search_args(tiny_folder, text_file, space, out, *extra):
-    return ["search", "--model", str(tiny_folder), "--space", str(space), "--target", "0.4", "--calib", str(text_file),
-            "--calib-seqs", "4", "--seq-len", "32", "--out", str(out), "--supernet-dir", str(out.parent / "nets"),
-            *extra]
-
-
 @pytest.mark.parametrize(("override", "message"), [
     (["--target", "1.2"], "--target must be in [0, 1)"),
-    (["--strategy", "hillclimb"], "unknown strategy 'hillclimb'"),
-    (["--start", "middle"], "unknown start 'middle'"),
+    (["--strategy", "hillclimb"], "--strategy 'hillclimb' is unknown"),
+    (["--start", "middle"], "--start 'middle' is unknown"),
     (["--target", "0.95"], "cannot be reached: the space's min_keep allows removing at most"),
     (["--resume"], "does not exist; run the search without --resume first"),
 ])
 def test_bad_search_input_is_one_line_exit_2_and_writes_nothing(override, message, tiny_folder, text_file, tiny_space,
                                                                  tmp_path):
-    result = run_cli(*_search_args(tiny_folder, text_file, tiny_space, tmp_path / "out"), *override)
+    result = run_cli(*search_args(tiny_folder, text_file, tiny_space, tmp_path / "out"), *override)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr
@@ -191,7 +133,7 @@ def test_bad_search_input_is_one_line_exit_2_and_writes_nothing(override, messag
 
 def test_search_writes_the_winner_result_and_report_and_resumes(tiny_folder, text_file, tiny_space, tmp_path):
     out = tmp_path / "run"
-    result = run_cli(*_search_args(tiny_folder, text_file, tiny_space, out, "--eval-tokens", "64", "--json"))
+    result = run_cli(*search_args(tiny_folder, text_file, tiny_space, out, "--eval-tokens", "64", "--json"))
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary == json.loads((out / "result.json").read_text())
@@ -207,13 +149,13 @@ def test_search_writes_the_winner_result_and_report_and_resumes(tiny_folder, tex
                         "--max-tokens", "64", "--json")
     assert evaluated.returncode == 0 and json.loads(evaluated.stdout)["decoder_params"] == summary[
         "decoder_params_after"]
-    again = run_cli(*_search_args(tiny_folder, text_file, tiny_space, out))
+    again = run_cli(*search_args(tiny_folder, text_file, tiny_space, out))
     assert again.returncode == 2 and "already exists" in again.stderr
-    resumed = run_cli(*_search_args(tiny_folder, text_file, tiny_space, out, "--resume", "--json"))
+    resumed = run_cli(*search_args(tiny_folder, text_file, tiny_space, out, "--resume", "--json"))
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads(resumed.stdout)["layers"] == summary["layers"]
     assert json.loads(resumed.stdout)["study"]["trials"] == summary["study"]["trials"]  # nothing evaluated again
-    changed = run_cli(*_search_args(tiny_folder, text_file, tiny_space, out, "--resume", "--seed", "3"))
+    changed = run_cli(*search_args(tiny_folder, text_file, tiny_space, out, "--resume", "--seed", "3"))
     assert changed.returncode == 2 and "other settings (seed)" in changed.stderr
 
 
@@ -229,7 +171,7 @@ def test_search_on_a_calibration_mixture_picks_winners_on_held_back_tokens(tiny_
     other.write_text(" ".join(f"A quiet {i} garden grows beside the long stone wall." for i in range(400)))
     space = space_file(tmp_path, TINY_SPACE + "validation: {candidates: 2, tokens: 64}\n")
     out = tmp_path / "run"
-    args = _search_args(tiny_folder, text_file, space, out, "--json")
+    args = search_args(tiny_folder, text_file, space, out, "--json")
     args[args.index("--calib") + 1] = f"{text_file},{other}"
     result = run_cli(*args)
     assert result.returncode == 0, result.stderr

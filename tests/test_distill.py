@@ -10,8 +10,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, TrainerCallback
 
-from tests.conftest import VOCAB, tiny_llama
-from tests.test_cli import run_cli
+from tests.conftest import VOCAB, run_cli, tiny_llama
 from tyrsearch.distill import DistillConfig, distill, distillation_loss
 from tyrsearch.errors import UserError
 from tyrsearch.local import make_criterion

@@ -14,8 +14,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
 
-from tests.conftest import tiny_llama
-from tests.test_cli import run_cli
+from tests.conftest import run_cli, tiny_llama
 from tyrsearch.local import make_criterion
 from tyrsearch.materialize import save_pruned
 from tyrsearch.models import LayerShape, adapter_for

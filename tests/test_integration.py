@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from tyrsearch import assets, data, evaluate, texts
+from tyrsearch import assets, data, metrics, texts
 from tyrsearch.materialize import save_pruned
 from tyrsearch.models import LayerShape, adapter_for
 from tyrsearch.pruner import OneShotConfig, one_shot
@@ -27,17 +27,17 @@ def test_prune_reload_eval(smollm2, tmp_path):
     dense, tokenizer = smollm2
     calib = data.calibration_batches(tokenizer, texts.read_text("c4"), seq_len=256, count=8, seed=0)
     heldout = data.eval_batches(tokenizer, texts.read_text("wiki-summaries"), seq_len=256, max_tokens=1024)
-    dense_ppl = evaluate.perplexity(dense, heldout, progress=False)["ppl"]
+    dense_ppl = metrics.perplexity(dense, heldout, progress=False)["ppl"]
 
     model = AutoModelForCausalLM.from_pretrained(assets.resolve_model("smollm2-135m")).eval()
     report = one_shot(model, OneShotConfig(criterion="osscar", sparsity=0.3), calib, progress=False)
     assert abs(report["achieved_sparsity"] - 0.3) < 0.005
-    assert evaluate.decoder_params(model) < 0.71 * evaluate.decoder_params(dense)
+    assert metrics.decoder_params(model) < 0.71 * metrics.decoder_params(dense)
     folder = save_pruned(model, tokenizer, tmp_path / "smol-30")
     reloaded, _ = assets.load_model(str(folder))
     with torch.no_grad():
         assert torch.equal(reloaded(heldout[:1]).logits, model(heldout[:1]).logits)
-    pruned_ppl = evaluate.perplexity(reloaded, heldout, progress=False)["ppl"]
+    pruned_ppl = metrics.perplexity(reloaded, heldout, progress=False)["ppl"]
     # 2k calibration tokens only (benchmark: 16k): far from the benchmark's quality, but from collapse too
     # (magnitude pruning gives ppl > 1e6 here)
     assert dense_ppl < pruned_ppl < 10 * dense_ppl
@@ -47,7 +47,7 @@ def test_search_on_smollm2_writes_a_reloadable_winner(tmp_path):
     """The whole search command on the real model, kept small: one iteration, one generation of two."""
     import json
 
-    from tests.test_cli import run_cli
+    from tests.conftest import run_cli
 
     space = tmp_path / "small.yaml"
     space.write_text("family: llama\nunits:\n  q_heads: {min_keep: 0, step: 1}\n  mlp: {min_keep: 0, step: 256}\n"
@@ -66,5 +66,5 @@ def test_search_on_smollm2_writes_a_reloadable_winner(tmp_path):
     reloaded = AutoModelForCausalLM.from_pretrained(out / "model")
     shapes = adapter_for(reloaded).shapes(reloaded)
     assert [s.intermediate for s in shapes] == [b["intermediate_size"] for b in summary["layers"]]
-    assert evaluate.decoder_params(reloaded) == summary["decoder_params_after"]
+    assert metrics.decoder_params(reloaded) == summary["decoder_params_after"]
     assert (out / "report.html").stat().st_size > 1000

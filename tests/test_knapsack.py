@@ -8,8 +8,8 @@ import torch
 
 from tests.conftest import tiny_llama
 from tyrsearch.errors import UserError
-from tyrsearch.evaluate import dense_topk
 from tyrsearch.local import make_criterion
+from tyrsearch.metrics import dense_topk
 from tyrsearch.models import MLP, Q_HEADS, adapter_for
 from tyrsearch.search.knapsack import knapsack, knapsack_prune, layer_sensitivity
 from tyrsearch.space import Fitness, SearchSpace, Stage, UnitSpace

@@ -9,8 +9,7 @@ import optuna
 import pytest
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from tests.conftest import VOCAB, tiny_llama
-from tests.test_cli import TINY_SPACE, run_cli, space_file
+from tests.conftest import TINY_SPACE, VOCAB, run_cli, space_file, tiny_llama
 from tests.test_search import SPACE, _batches
 from tyrsearch import allocation
 from tyrsearch.allocation import Dims

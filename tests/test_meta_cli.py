@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from tests.test_cli import run_cli
+from tests.conftest import run_cli
 from tyrsearch.errors import UserError
 from tyrsearch.meta import data
 from tyrsearch.meta.nets import flops

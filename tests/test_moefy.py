@@ -8,8 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, MixtralForCausalLM
 
-from tests.conftest import VOCAB, tiny_gemma3, tiny_llama
-from tests.test_cli import run_cli
+from tests.conftest import VOCAB, run_cli, tiny_gemma3, tiny_llama
 from tyrsearch.moe import MoefyConfig, active_params, moefy, save_moe
 from tyrsearch.moe.moefy import balanced_kmeans
 

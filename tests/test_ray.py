@@ -2,43 +2,16 @@
 the local runner's winner, each Ray worker loads each supernet once, a search submitted with
 `tyrsearch submit` finishes (and one can be stopped), and bad addresses are one line with exit 2."""
 
-import contextlib
 import json
 import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import optuna
 import pytest
 
-from tests.test_cli import _search_args, run_cli, space_file, tiny_folder  # noqa: F401  (fixtures)
+from tests.conftest import free_port, processes_mentioning, run_cli, search_args, space_file
 from tests.test_runners import SPACE, _check_every_place_once
 
-RAY = str(Path(sys.executable).with_name("ray"))
-ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    """A real Ray head on this machine (2 CPUs, job server on 127.0.0.1), stopped afterwards."""
-    temp = tmp_path_factory.mktemp("ray")
-    port = _free_port()
-    command = [RAY, "start", "--head", "--port", "0", "--node-ip-address", "127.0.0.1", "--num-cpus", "2",
-               "--temp-dir", str(temp), "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
-               "--dashboard-port", str(port), "--disable-usage-stats"]
-    try:
-        subprocess.run(command, env=ENV, check=True, capture_output=True, timeout=120)
-        yield {"address": (temp / "ray_current_cluster").read_text().strip(), "jobs": f"http://127.0.0.1:{port}"}
-    finally:
-        subprocess.run([RAY, "stop", "--force"], env=ENV, capture_output=True, timeout=120)
+pytestmark = pytest.mark.ray
 
 
 @pytest.fixture
@@ -52,21 +25,11 @@ def no_auth(monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
 
 
-def _args(tiny_folder, text_file, space, out, *extra):  # noqa: F811
-    return _search_args(tiny_folder, text_file, space, out, "--json", *extra)
+def _args(tiny_folder, text_file, space, out, *extra):
+    return search_args(tiny_folder, text_file, space, out, "--json", *extra)
 
 
-def _ray_processes(marker: str) -> list[str]:
-    """Command lines of this machine's processes that mention `marker`."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        with contextlib.suppress(OSError):
-            if proc.name.isdigit() and marker in (cmdline := (proc / "cmdline").read_text()):
-                found.append(cmdline)
-    return found
-
-
-def test_ray_runner_starts_its_own_cluster_and_finds_the_local_winner(tiny_folder, text_file, space,  # noqa: F811
+def test_ray_runner_starts_its_own_cluster_and_finds_the_local_winner(tiny_folder, text_file, space,
                                                                       tmp_path):
     local = run_cli(*_args(tiny_folder, text_file, space, tmp_path / "local"))
     assert local.returncode == 0, local.stderr
@@ -90,33 +53,33 @@ def test_ray_runner_starts_its_own_cluster_and_finds_the_local_winner(tiny_folde
     import ray as ray_module
 
     assert not ray_module.is_initialized()
-    assert not _ray_processes("tyrsearch-ray-")
+    assert not processes_mentioning("tyrsearch-ray-")
 
 
-def test_submitted_search_runs_on_the_cluster(cluster, tiny_folder, text_file, space, tmp_path):  # noqa: F811
+def test_submitted_search_runs_on_the_cluster(ray_cluster, tiny_folder, text_file, space, tmp_path):
     out = tmp_path / "job"
-    submitted = run_cli("submit", "--address", cluster["jobs"], "--json", "--",
+    submitted = run_cli("submit", "--address", ray_cluster["jobs"], "--json", "--",
                         *_args(tiny_folder, text_file, space, out, "--runner", "ray", "--workers", "1"))
     assert submitted.returncode == 0, submitted.stderr
     job_id = json.loads(submitted.stdout)["job_id"]
-    status = run_cli("jobs", "status", job_id, "--address", cluster["jobs"], "--wait", "--json")
+    status = run_cli("jobs", "status", job_id, "--address", ray_cluster["jobs"], "--wait", "--json")
     assert status.returncode == 0, status.stdout + status.stderr
     assert json.loads(status.stdout)["status"] == "SUCCEEDED"
-    logs = run_cli("jobs", "logs", job_id, "--address", cluster["jobs"])
+    logs = run_cli("jobs", "logs", job_id, "--address", ray_cluster["jobs"])
     result = json.loads((out / "result.json").read_text())
     assert result["config"]["runner"] == "ray" and '"runner": "ray"' in logs.stdout
     assert (out / "model" / "config.json").is_file()
-    listed = run_cli("jobs", "list", "--address", cluster["jobs"], "--json")
+    listed = run_cli("jobs", "list", "--address", ray_cluster["jobs"], "--json")
     assert job_id in {job["job_id"] for job in json.loads(listed.stdout)}
 
 
-def test_stopped_job_reports_stopped(cluster, tiny_folder, text_file, space, tmp_path):  # noqa: F811
-    submitted = run_cli("submit", "--address", cluster["jobs"], "--",
+def test_stopped_job_reports_stopped(ray_cluster, tiny_folder, text_file, space, tmp_path):
+    submitted = run_cli("submit", "--address", ray_cluster["jobs"], "--",
                         *_args(tiny_folder, text_file, space, tmp_path / "stopped"))
     job_id = submitted.stdout.strip()
-    stopped = run_cli("jobs", "stop", job_id, "--address", cluster["jobs"])
+    stopped = run_cli("jobs", "stop", job_id, "--address", ray_cluster["jobs"])
     assert stopped.returncode == 0 and job_id in stopped.stdout
-    status = run_cli("jobs", "status", job_id, "--address", cluster["jobs"], "--wait", "--json")
+    status = run_cli("jobs", "status", job_id, "--address", ray_cluster["jobs"], "--wait", "--json")
     assert status.returncode == 1 and json.loads(status.stdout)["status"] == "STOPPED"
 
 
@@ -124,14 +87,14 @@ def test_stopped_job_reports_stopped(cluster, tiny_folder, text_file, space, tmp
     (["jobs", "status", "raysubmit_nope"], "no job 'raysubmit_nope' on this cluster"),
     (["submit"], "nothing to submit"),
 ])
-def test_bad_job_input_is_one_line_exit_2(cluster, args, message):
-    ran = run_cli(*args, "--address", cluster["jobs"])
+def test_bad_job_input_is_one_line_exit_2(ray_cluster, args, message):
+    ran = run_cli(*args, "--address", ray_cluster["jobs"])
     assert ran.returncode == 2 and message in ran.stderr and len(ran.stderr.strip().splitlines()) == 1
 
 
-def test_unreachable_clusters_are_one_line_exit_2_and_write_nothing(tiny_folder, text_file, space,  # noqa: F811
+def test_unreachable_clusters_are_one_line_exit_2_and_write_nothing(tiny_folder, text_file, space,
                                                                      tmp_path):
-    port = _free_port()  # nothing listens there
+    port = free_port()  # nothing listens there
     ran = run_cli(*_args(tiny_folder, text_file, space, tmp_path / "out", "--runner", "ray", "--address",
                          f"127.0.0.1:{port}"))
     assert ran.returncode == 2 and "cannot reach the Ray cluster" in ran.stderr

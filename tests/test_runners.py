@@ -18,10 +18,8 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from tests.test_cli import _search_args, run_cli, space_file, tiny_folder  # noqa: F401  (fixtures)
+from tests.conftest import run_cli, search_args, space_file
 from tyrsearch.search.samplers import GENERATION, INDEX, ITERATION
-
-PG = os.environ.get("TYRSEARCH_TEST_POSTGRES", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
 
 SPACE = ("family: llama\nunits:\n  q_heads: {min_keep: 0, step: 1}\n  mlp: {min_keep: 8, step: 8}\n"
          "levels: 2\niterations: 2\ngenerations: 3\noffspring: 4\n"
@@ -35,16 +33,16 @@ def space(tmp_path):
 
 
 @pytest.fixture
-def study_name():
+def study_name(postgres_url):
     """A fresh study name on the shared PostgreSQL database, deleted afterwards."""
     name = f"test-{uuid.uuid4().hex[:10]}"
     yield name
     with contextlib.suppress(KeyError):
-        optuna.delete_study(study_name=name, storage=PG)
+        optuna.delete_study(study_name=name, storage=postgres_url)
 
 
-def _args(tiny_folder, text_file, space, out, *extra):  # noqa: F811
-    return _search_args(tiny_folder, text_file, space, out, "--json", *extra)
+def _args(tiny_folder, text_file, space, out, *extra):
+    return search_args(tiny_folder, text_file, space, out, "--json", *extra)
 
 
 def _spawn(*args: str, log) -> subprocess.Popen:
@@ -70,22 +68,24 @@ def _check_every_place_once(trials):
         assert len(params) == len(set(params))
 
 
-def test_two_optuna_workers_on_postgres_find_the_local_winner(tiny_folder, text_file, space, study_name,  # noqa: F811
+@pytest.mark.postgres
+def test_two_optuna_workers_on_postgres_find_the_local_winner(postgres_url, tiny_folder, text_file, space,
+                                                              study_name,
                                                               tmp_path):
     local = run_cli(*_args(tiny_folder, text_file, space, tmp_path / "local"))
     assert local.returncode == 0, local.stderr
     shared = run_cli(*_args(tiny_folder, text_file, space, tmp_path / "shared", "--runner", "optuna", "--workers", "2",
-                            "--storage", PG, "--study", study_name))
+                            "--storage", postgres_url, "--study", study_name))
     assert shared.returncode == 0, shared.stderr
     ours, theirs = json.loads(local.stdout), json.loads(shared.stdout)
     assert theirs["layers"] == ours["layers"]
     assert theirs["fitness"]["value"] == pytest.approx(ours["fitness"]["value"], rel=1e-4)
     assert theirs["study"]["trials"] == ours["study"]["trials"]  # same plan, nothing evaluated twice
     assert theirs["study"]["storage"].startswith("postgresql") and theirs["config"]["workers"] == 2
-    study = optuna.load_study(study_name=study_name, storage=PG)
+    study = optuna.load_study(study_name=study_name, storage=postgres_url)
     _check_every_place_once(study.trials)
     assert all(t.user_attrs["tokens"] > 0 and "keeps" in t.user_attrs for t in study.trials)
-    report = run_cli("report", "--storage", PG, "--study", study_name, "--out", str(tmp_path / "r.html"))
+    report = run_cli("report", "--storage", postgres_url, "--study", study_name, "--out", str(tmp_path / "r.html"))
     assert report.returncode == 0, report.stderr
     page = (tmp_path / "r.html").read_text()
     assert page.count("<svg") == 3 and "still running" not in page and f"{ours['achieved_sparsity']:.4f}" in page
@@ -101,17 +101,18 @@ def _wait_for(predicate, timeout: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_sigkill_of_a_worker_and_of_the_search_then_resume_loses_nothing(tiny_folder, text_file, space,  # noqa: F811
+@pytest.mark.postgres
+def test_sigkill_of_a_worker_and_of_the_search_then_resume_loses_nothing(postgres_url, tiny_folder, text_file, space,
                                                                          study_name, tmp_path):
     reference = run_cli(*_args(tiny_folder, text_file, space, tmp_path / "local"))
     assert reference.returncode == 0, reference.stderr
-    args = _args(tiny_folder, text_file, space, tmp_path / "run", "--runner", "optuna", "--storage", PG,
+    args = _args(tiny_folder, text_file, space, tmp_path / "run", "--runner", "optuna", "--storage", postgres_url,
                  "--study", study_name, "--heartbeat", "1")
     logs = tmp_path / "logs"
     driver = _spawn(*args, "--workers", "0", log=f"{logs}-driver")
-    worker = _spawn("worker", "--storage", PG, "--study", study_name, "--heartbeat", "1", "--quiet",
+    worker = _spawn("worker", "--storage", postgres_url, "--study", study_name, "--heartbeat", "1", "--quiet",
                     log=f"{logs}-worker")
-    storage = optuna.storages.RDBStorage(PG)
+    storage = optuna.storages.RDBStorage(postgres_url)
 
     def frozen_mid_search():
         """Stop the worker; keep it stopped if it holds running trials and others have finished."""
@@ -134,19 +135,20 @@ def test_sigkill_of_a_worker_and_of_the_search_then_resume_loses_nothing(tiny_fo
     for process in (worker, driver):
         process.kill()  # SIGKILL: no cleanup of any kind
         process.wait()
-    partial = run_cli("report", "--storage", PG, "--study", study_name, "--out", str(tmp_path / "partial.html"))
+    partial = run_cli("report", "--storage", postgres_url, "--study", study_name, "--out",
+                      str(tmp_path / "partial.html"))
     if partial.returncode == 0:  # the report of a running study: the best so far
         assert "still running" in (tmp_path / "partial.html").read_text()
     else:
         assert "no complete candidate yet" in partial.stderr
     resumed = _spawn(*args, "--workers", "0", "--resume", log=f"{logs}-resumed")
-    rescuer = _spawn("worker", "--storage", PG, "--study", study_name, "--heartbeat", "1", "--quiet",
+    rescuer = _spawn("worker", "--storage", postgres_url, "--study", study_name, "--heartbeat", "1", "--quiet",
                      log=f"{logs}-rescuer")
     assert resumed.wait(timeout=300) == 0, _read(logs, "resumed.err")
     assert rescuer.wait(timeout=60) == 0, _read(logs, "rescuer.err")
     out = _read(logs, "resumed.out")
     assert json.loads(out)["layers"] == json.loads(reference.stdout)["layers"]  # the uninterrupted winner
-    study = optuna.load_study(study_name=study_name, storage=PG)
+    study = optuna.load_study(study_name=study_name, storage=postgres_url)
     by_number = {t.number: t for t in study.trials}
     assert all(by_number[t.number].state == t.state for t in finished)  # nothing finished was lost
     for trial in running:  # failed by the heartbeat and retried with the same candidate in the same place
@@ -158,9 +160,10 @@ def test_sigkill_of_a_worker_and_of_the_search_then_resume_loses_nothing(tiny_fo
     _check_every_place_once(study.trials)
 
 
+@pytest.mark.postgres
 @pytest.mark.parametrize("url", ["postgresql://postgres:s3cret@127.0.0.1:1/test",
                                  "postgresql://postgres:s3cret@127.0.0.1:5432/no_such_database"])
-def test_storage_trouble_is_one_line_exit_2_without_the_password(url, tiny_folder, text_file, space,  # noqa: F811
+def test_storage_trouble_is_one_line_exit_2_without_the_password(url, tiny_folder, text_file, space,
                                                                  tmp_path):
     for args in (_args(tiny_folder, text_file, space, tmp_path / "o", "--runner", "optuna", "--storage", url),
                  ["worker", "--storage", url, "--study", "x"], ["report", "--storage", url, "--study", "x",
@@ -173,10 +176,12 @@ def test_storage_trouble_is_one_line_exit_2_without_the_password(url, tiny_folde
     assert not (tmp_path / "o").exists() and not (tmp_path / "r.html").exists()
 
 
-def test_workers_refuse_sqlite_and_unknown_studies(tiny_folder, text_file, space, study_name, tmp_path):  # noqa: F811
+@pytest.mark.postgres
+def test_workers_refuse_sqlite_and_unknown_studies(postgres_url, tiny_folder, text_file, space, study_name,
+                                                   tmp_path):
     sqlite = run_cli(*_args(tiny_folder, text_file, space, tmp_path / "o", "--runner", "optuna", "--workers", "2"))
     assert sqlite.returncode == 2 and "SQLite cannot be shared by parallel workers" in sqlite.stderr
-    missing = run_cli("worker", "--storage", PG, "--study", study_name, "--wait", "0")
+    missing = run_cli("worker", "--storage", postgres_url, "--study", study_name, "--wait", "0")
     assert missing.returncode == 2 and f"no study {study_name!r}" in missing.stderr
 
 

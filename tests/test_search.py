@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.conftest import VOCAB, tiny_gemma3, tiny_llama
-from tyrsearch import allocation, evaluate
+from tyrsearch import allocation, metrics
 from tyrsearch.errors import UserError
 from tyrsearch.local import make_criterion
 from tyrsearch.models import MLP, Q_HEADS, adapter_for
@@ -46,7 +46,7 @@ def test_cheap_evaluation_equals_the_full_forward_of_the_assembled_model(factory
     shapes = adapter_for(model).shapes(model)
     centre = [s.with_units(Q_HEADS, max(1, s.q_per_kv - 1)).with_units(MLP, 40) for s in shapes]
     net = build_supernet(model, make_criterion("osscar"), _batches(6, 1), space=SPACE, centre=centre, progress=False)
-    reference = evaluate.dense_topk(model, _batches(4, 2), k=16, progress=False)
+    reference = metrics.dense_topk(model, _batches(4, 2), k=16, progress=False)
     evaluator = CandidateEvaluator(model=model, supernet=net, reference=reference, batch_size=3)
     rng = random.Random(0)
     parent = _random_levels(net, rng)
@@ -54,7 +54,7 @@ def test_cheap_evaluation_equals_the_full_forward_of_the_assembled_model(factory
     for _ in range(4):
         child = copy.deepcopy(parent)
         child[-1] = _random_levels(net, rng)[-1]  # differs in the last layer only: most of the forward is cached
-        full = evaluate.kl_divergence(net.apply(copy.deepcopy(model), child), reference, top_k=16)
+        full = metrics.kl_divergence(net.apply(copy.deepcopy(model), child), reference, top_k=16)
         assert evaluator.fitness(child, 4) == pytest.approx(full, rel=1e-4, abs=1e-9)
         assert evaluator.fitness(child, 4, reuse=False) == pytest.approx(full, rel=1e-4, abs=1e-9)
     assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in factory().parameters())
@@ -64,7 +64,7 @@ def test_fitness_on_more_sequences_extends_the_known_score():
     model = tiny_llama()
     centre = [s.with_units(MLP, 40) for s in adapter_for(model).shapes(model)]
     net = build_supernet(model, make_criterion("osscar"), _batches(6, 1), space=SPACE, centre=centre, progress=False)
-    evaluator = CandidateEvaluator(model=model, supernet=net, reference=evaluate.dense_topk(
+    evaluator = CandidateEvaluator(model=model, supernet=net, reference=metrics.dense_topk(
         model, _batches(4, 2), k=16, progress=False), batch_size=2)
     levels = _random_levels(net, random.Random(1))
     few = evaluator.fitness(levels, 1)
@@ -250,10 +250,10 @@ def test_ppl_fitness_is_the_perplexity_of_the_assembled_model():
     model = tiny_llama()
     centre = [s.with_units(MLP, 40) for s in adapter_for(model).shapes(model)]
     net = build_supernet(model, make_criterion("osscar"), _batches(6, 1), space=SPACE, centre=centre, progress=False)
-    reference = evaluate.dense_topk(model, _batches(4, 2), k=16, progress=False)
+    reference = metrics.dense_topk(model, _batches(4, 2), k=16, progress=False)
     evaluator = CandidateEvaluator(model=model, supernet=net, reference=reference, metric="ppl", batch_size=2)
     levels = _random_levels(net, random.Random(2))
-    expected = evaluate.perplexity(net.apply(copy.deepcopy(model), levels), _batches(4, 2), progress=False)["ppl"]
+    expected = metrics.perplexity(net.apply(copy.deepcopy(model), levels), _batches(4, 2), progress=False)["ppl"]
     assert evaluator.fitness(levels, 4) == pytest.approx(expected, rel=1e-5)
 
 
@@ -271,7 +271,7 @@ def test_validation_picks_each_iterations_winner_among_its_best_on_held_back_tok
                     config=config, study=study, supernet_dir=tmp_path / "supernets", validation_batches=held_back,
                     progress=False)
     result = search.run()
-    reference = evaluate.dense_topk(model, held_back, k=16, progress=False)
+    reference = metrics.dense_topk(model, held_back, k=16, progress=False)
     trials = study.trials
     for k, summary in enumerate(result.iterations):
         complete = sorted((t for t in trials if t.system_attrs[ITERATION] == k
@@ -286,7 +286,7 @@ def test_validation_picks_each_iterations_winner_among_its_best_on_held_back_tok
         supernet = Supernet.load(study.user_attrs[f"iteration{k}"]["supernet"])
         levels = driver.params_to_levels(winner.params, len(search.dense))
         assembled = supernet.apply(copy.deepcopy(model), levels)
-        assert scores[winner.number] == pytest.approx(evaluate.kl_divergence(assembled, reference), rel=1e-4)
+        assert scores[winner.number] == pytest.approx(metrics.kl_divergence(assembled, reference), rel=1e-4)
     assert result.levels == driver.params_to_levels(trials[result.iterations[-1]["trial"]].params, 6)
     # a validated winner's shapes are the next iteration's centre
     start1 = next(t for t in trials if t.system_attrs[ITERATION] == 1 and t.system_attrs[GENERATION] == 0)

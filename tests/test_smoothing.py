@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tests.conftest import VOCAB, tiny_gemma3, tiny_llama
-from tyrsearch.export.smoothing import gated_mlps, smooth_down_projections
+from tyrsearch.exporters.smoothing import gated_mlps, smooth_down_projections
 
 
 def _peaks(model, ids) -> list[torch.Tensor]:

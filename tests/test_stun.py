@@ -10,8 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
 
-from tests.conftest import tiny_llama
-from tests.test_cli import run_cli
+from tests.conftest import run_cli, tiny_llama
 from tests.test_moe_models import COMMON, MOE_FAMILIES, reload_without_tyrsearch, remove_experts, tiny_mixtral
 from tyrsearch.errors import UserError
 from tyrsearch.materialize import save_pruned

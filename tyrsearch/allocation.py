@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tyrsearch.errors import UserError
+from tyrsearch.errors import ParameterError, mention
 from tyrsearch.models import LayerShape
 
 ALLOCATIONS = ("uniform", "owl")
@@ -49,9 +49,22 @@ def sparsity_of(plan: list[LayerShape], dense: list[LayerShape], dims: Dims) -> 
     return 1 - sum(map(dims.params, plan)) / sum(map(dims.params, dense))
 
 
-def check_sparsity(sparsity: float, *, flag: str = "--sparsity") -> None:
+class Infeasible(ValueError):  # noqa: N818 (a condition, not a failure: the search tries another centre)
+    """No allocation of this kind reaches the sparsity. Where a user asked for it, it becomes a
+    `ParameterError` (`as_parameter_error`); the search's centre finder takes it as "too far" instead."""
+
+    def __init__(self, parameter: str, problem: str) -> None:
+        super().__init__(problem)
+        self.parameter, self.problem = parameter, problem
+
+    def as_parameter_error(self) -> ParameterError:
+        return ParameterError(self.parameter, self.problem)
+
+
+def check_sparsity(sparsity: float, *, parameter: str = "sparsity") -> None:
     if not 0 <= sparsity < 1:
-        raise UserError(f"{flag} must be in [0, 1), got {sparsity}: it is the fraction of decoder parameters removed")
+        raise ParameterError(parameter, f"must be in [0, 1), got {sparsity}: it is the fraction of decoder "
+                                        "parameters removed")
 
 
 def _attention_shape(shape: LayerShape, attention_sparsity: float, dims: Dims) -> LayerShape:
@@ -65,22 +78,19 @@ def _attention_shape(shape: LayerShape, attention_sparsity: float, dims: Dims) -
 def layer_plan(dense: list[LayerShape], layer_sparsity: list[float], *, attention_sparsity: float,
                dims: Dims) -> list[LayerShape]:
     """Each layer loses `layer_sparsity[i]` of its parameters: attention at its rate, MLP the rest."""
-    check_sparsity(attention_sparsity, flag="--attention-sparsity")
+    check_sparsity(attention_sparsity, parameter="attention_sparsity")
     plan = []
     for i, (shape, s) in enumerate(zip(dense, layer_sparsity, strict=True)):
         attn = _attention_shape(shape, attention_sparsity, dims) if attention_sparsity else shape
         mlp_removed = s * dims.params(shape) - (dims.attention_params(shape) - dims.attention_params(attn))
         keep = round(shape.intermediate - mlp_removed / (3 * dims.hidden))
         if keep < 1:
-            raise UserError(
-                f"sparsity {s:.3f} in layer {i} would remove every MLP channel (attention sparsity "
-                f"{attention_sparsity}); lower --sparsity or raise --attention-sparsity"
-            )
+            raise Infeasible("sparsity", f"{s:.3f} in layer {i} would remove every MLP channel (attention "
+                             f"sparsity {attention_sparsity}); lower {mention('sparsity')} or raise "
+                             f"{mention('attention_sparsity')}")
         if keep > shape.intermediate:
-            raise UserError(
-                f"--attention-sparsity {attention_sparsity} alone removes more than layer {i}'s share "
-                f"({s:.3f}); lower --attention-sparsity"
-            )
+            raise Infeasible("attention_sparsity", f"{attention_sparsity} alone removes more than layer {i}'s "
+                             f"share ({s:.3f}); lower {mention('attention_sparsity')}")
         plan.append(attn.with_units("mlp", keep))
     return plan
 
@@ -99,7 +109,7 @@ def uniform_experts(dense: list[LayerShape], *, sparsity: float, dims: Dims) -> 
     experts = sum(dims.mlp_params(s) for s in dense if s.experts)
     share = sparsity * sum(map(dims.params, dense)) / experts if experts else 1.0  # of the experts' parameters
     if share >= 1:
-        raise UserError(f"sparsity {sparsity} would remove every routed expert; lower it")
+        raise Infeasible("sparsity", f"{sparsity} would remove every routed expert; lower it")
     return [s.with_units("experts", max(1, round(s.experts * (1 - share)))) if s.experts else s for s in dense]
 
 

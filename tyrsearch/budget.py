@@ -3,7 +3,7 @@
 A budget prices a decoder layer at a shape (and the model's fixed part); `--target T` keeps candidates at
 (1 - T) of the dense model's price. Parameters and FLOPs are linear in the units kept, so the search's
 level swaps keep them exact. Latency comes from a `LatencyTable` measured on this machine (see
-`tyrsearch.export.latency`); it is not linear in the units, so a latency budget is kept within a band
+`tyrsearch.exporters.latency`); it is not linear in the units, so a latency budget is kept within a band
 just under the limit instead of exactly.
 """
 

@@ -146,7 +146,10 @@ def one_shot(model: nn.Module, config: OneShotConfig, batches: torch.Tensor, *, 
     criterion = make_criterion(config.criterion, seed=config.seed)
     dense = adapter.shapes(model)
     start = time.perf_counter()
-    plan = plan_for(model, config, batches)
+    try:
+        plan = plan_for(model, config, batches)
+    except allocation.Infeasible as exc:
+        raise exc.as_parameter_error() from None
     allocated = time.perf_counter()
     prune(model, plan, criterion, batches, sequential=config.sequential, batch_size=config.batch_size,
           progress=progress)

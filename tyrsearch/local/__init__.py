@@ -1,6 +1,6 @@
 """Local pruning criteria, chosen by name: for one layer and unit type, which units to keep."""
 
-from tyrsearch.errors import UserError
+from tyrsearch.errors import ParameterError
 from tyrsearch.local.base import Criterion, ScoreCriterion, top_per_block
 from tyrsearch.local.flap import Flap
 from tyrsearch.local.magnitude import Magnitude
@@ -18,7 +18,7 @@ CRITERIA: dict[str, type[Criterion]] = {
 def make_criterion(name: str, *, seed: int = 0) -> Criterion:
     """The criterion called `name` (random is seeded with `seed`)."""
     if name not in CRITERIA:
-        raise UserError(f"unknown criterion {name!r}: choose one of {', '.join(CRITERIA)}")
+        raise ParameterError("criterion", f"{name!r} is unknown: choose one of {', '.join(CRITERIA)}")
     return Random(seed=seed) if name == Random.name else CRITERIA[name]()
 
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from tyrsearch.calibration import LayerInputs
-from tyrsearch.evaluate import Reference
+from tyrsearch.metrics import Reference
 from tyrsearch.models import ATTENTION_UNITS, adapter_for
 from tyrsearch.supernet import Supernet
 

@@ -31,9 +31,9 @@ from optuna.trial import TrialState
 from torch import nn
 from tqdm.auto import tqdm
 
-from tyrsearch import allocation, evaluate
+from tyrsearch import allocation, metrics
 from tyrsearch.budget import LATENCY_BAND, Budget, FlopsBudget, LatencyTable, ParamsBudget, limit
-from tyrsearch.errors import UserError
+from tyrsearch.errors import ParameterError, UserError, mention
 from tyrsearch.local import make_criterion
 from tyrsearch.models import ATTENTION_UNITS, LayerShape, adapter_for
 from tyrsearch.search.candidates import CandidateEvaluator, Levels
@@ -120,9 +120,10 @@ def check_reachable(space: SearchSpace, dense: list[LayerShape], budget: Budget,
     reachable = 1 - budget.total(floor_of(space, dense)) / budget.total(dense)
     if reachable < target:
         wider = "" if any(unit in ATTENTION_UNITS for unit in space.units) else \
-            " (or search attention too, e.g. --space llama-heads)"
-        raise UserError(f"target {target} cannot be reached: the space's min_keep allows removing at most "
-                        f"{reachable:.3f} of the dense model's {budget.name}; lower the target or min_keep{wider}")
+            f" (or search attention too, e.g. {mention('space')} llama-heads)"
+        raise ParameterError("target", f"{target} cannot be reached: the space's min_keep allows removing at most "
+                                       f"{reachable:.3f} of the dense model's {budget.name}; lower the target or "
+                                       f"min_keep{wider}")
 
 
 def uniform_centre(dense: list[LayerShape], dims: allocation.Dims, target: float) -> list[LayerShape]:
@@ -132,7 +133,7 @@ def uniform_centre(dense: list[LayerShape], dims: allocation.Dims, target: float
         return allocation.uniform_experts(dense, sparsity=target, dims=dims)
     try:
         return allocation.uniform(dense, sparsity=target, dims=dims)
-    except UserError:
+    except allocation.Infeasible:
         return allocation.uniform(dense, sparsity=target, attention_sparsity=target, dims=dims)
 
 
@@ -149,14 +150,14 @@ def centre_for(budget: Budget, dense: list[LayerShape], dims: allocation.Dims, t
         middle = (low + high) / 2
         try:
             fits = budget.total(uniform_centre(dense, dims, middle)) <= most
-        except UserError:
+        except allocation.Infeasible:
             fits = False  # a uniform allocation this sparse does not exist: treat it as too far
         low, high = (low, middle) if fits else (middle, high)
     try:
         return uniform_centre(dense, dims, high)
-    except UserError:
-        raise UserError(f"no uniform allocation removes {target} of the dense model's {budget.name}: lower "
-                        "the target") from None
+    except allocation.Infeasible:
+        raise ParameterError("target", f"{target}: no uniform allocation removes that much of the dense model's "
+                                       f"{budget.name}; lower it") from None
 
 
 def parse_objectives(text: str) -> tuple[str, ...]:
@@ -164,8 +165,8 @@ def parse_objectives(text: str) -> tuple[str, ...]:
     names = tuple(name.strip() for name in text.split(",") if name.strip())
     costs = [name for name in OBJECTIVES if name != "kl"]
     if names[:1] != ("kl",) or len(names) > 2 or any(name not in costs for name in names[1:]):
-        raise UserError(f"--objectives {text!r} is not valid: give kl, or kl and one of {', '.join(costs)} "
-                        "(e.g. kl,latency)")
+        raise ParameterError("objectives", f"{text!r} is not valid: give kl, or kl and one of {', '.join(costs)} "
+                                           "(e.g. kl,latency)")
     return names
 
 
@@ -207,7 +208,7 @@ class Search:
             sequences = -(-space.validation.tokens // self.seq_len)
             if validation_batches is None or validation_batches.shape[0] < sequences:
                 raise ValueError(f"the space's validation needs {sequences} held-back sequences")
-            self.validation = evaluate.dense_topk(model, validation_batches[:sequences], k=space.fitness.top_k,
+            self.validation = metrics.dense_topk(model, validation_batches[:sequences], k=space.fitness.top_k,
                                                   batch_size=config.batch_size, progress=False)
         self.times: dict[str, float] = {"supernet": 0.0, "sensitivity": 0.0, "search": 0.0}
 
@@ -468,16 +469,16 @@ def open_study(*, storage: str | optuna.storages.BaseStorage, study_name: str, s
                                     directions=["minimize"] * len(config.objectives),
                                     **_sampler_and_pruner(space, config.strategy, config.seed))
     except optuna.exceptions.DuplicatedStudyError:
-        raise UserError(f"study {study_name!r} already exists in {storage}: pass --resume to continue it "
-                        "or choose another --study") from None
+        raise ParameterError("study_name", f"{study_name!r} already exists in {storage}: pass {mention('resume')} "
+                                           f"to continue it or choose another {mention('study_name')}") from None
     known = study.user_attrs.get("settings")
     if known is None:
         study.set_user_attr("settings", settings)
         study.set_metric_names([OBJECTIVES[name] or space.fitness.metric for name in config.objectives])
     elif known != settings:
         changed = sorted(k for k in settings if settings[k] != known.get(k))
-        raise UserError(f"study {study_name!r} was started with other settings ({', '.join(changed)}): "
-                        "resume with the same ones or choose another --study")
+        raise ParameterError("study_name", f"{study_name!r} was started with other settings ({', '.join(changed)}): "
+                                           f"resume with the same ones or choose another {mention('study_name')}")
     return study
 
 
@@ -485,7 +486,7 @@ def join_study(*, storage: optuna.storages.BaseStorage, study_name: str) -> tupl
     """A running search's study, opened with the search's own sampler and pruner (what a worker needs)."""
     settings = load_study(storage, study_name).user_attrs.get("settings")
     if settings is None:
-        raise UserError(f"study {study_name!r} is not a tyrsearch search; give the --study of a search")
+        raise ParameterError("study_name", f"{study_name!r} is not a tyrsearch search; give the study of a search")
     space = parse_space(settings["space"], source=f"study {study_name!r}")
     study = optuna.load_study(study_name=study_name, storage=storage,
                               **_sampler_and_pruner(space, settings["strategy"], settings["seed"]))

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from tyrsearch import allocation, evaluate
+from tyrsearch import allocation, metrics
 from tyrsearch.budget import Budget, ParamsBudget
 from tyrsearch.errors import UserError
 from tyrsearch.local import Criterion
@@ -29,7 +29,7 @@ from tyrsearch.supernet import Supernet, build_supernet
 Key = tuple[int, str, int]  # (layer, unit type, level)
 
 
-def layer_sensitivity(model: nn.Module, supernet: Supernet, reference: evaluate.Reference, *,
+def layer_sensitivity(model: nn.Module, supernet: Supernet, reference: metrics.Reference, *,
                       progress: bool = True) -> dict[Key, float]:
     """KL to the dense model of each variant alone (0 for a level that keeps every unit). The dense
     hidden states entering every layer are cached, so a variant of layer l only runs layers l.."""
@@ -108,7 +108,7 @@ def knapsack(items: list[list[tuple[int, float]]], budget: int) -> list[int]:
     return picked[::-1]
 
 
-def knapsack_levels(model: nn.Module, supernet: Supernet, reference: evaluate.Reference, *, budget: Budget,
+def knapsack_levels(model: nn.Module, supernet: Supernet, reference: metrics.Reference, *, budget: Budget,
                     target: float, progress: bool = True) -> tuple[Levels, float]:
     """One level per (layer, unit type) with the least summed single-variant KL that removes the smallest
     reachable share >= `target` of the dense model's price; returns the levels and their predicted KL."""
@@ -136,7 +136,7 @@ def knapsack_prune(model: nn.Module, criterion: Criterion, batches: torch.Tensor
     centre = allocation.uniform(dense, sparsity=sparsity, dims=dims)
     supernet = build_supernet(model, criterion, batches, space=space, centre=centre, progress=progress)
     built = time.perf_counter()
-    reference = evaluate.dense_topk(model, sensitivity_batches, k=space.fitness.top_k, progress=False)
+    reference = metrics.dense_topk(model, sensitivity_batches, k=space.fitness.top_k, progress=False)
     levels, predicted_kl = knapsack_levels(model, supernet, reference, budget=ParamsBudget(dims=dims), target=sparsity,
                                            progress=progress)
     supernet.apply(model, levels)

@@ -25,8 +25,8 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 from torch import nn
 
-from tyrsearch import evaluate
-from tyrsearch.evaluate import Reference
+from tyrsearch import metrics
+from tyrsearch.metrics import Reference
 from tyrsearch.search.candidates import CandidateEvaluator, Levels
 from tyrsearch.search.samplers import GENERATION, INDEX, ITERATION, best_trial, iteration_trials, parse_param
 from tyrsearch.space import SearchSpace
@@ -58,7 +58,7 @@ def reference_for(model: nn.Module, fitness_batches: torch.Tensor, space: Search
     sequences = math.ceil(space.selection[-1].tokens / fitness_batches.shape[1])
     if sequences > fitness_batches.shape[0]:
         raise ValueError(f"the last selection stage needs {sequences} fitness sequences")
-    return evaluate.dense_topk(model, fitness_batches[:sequences], k=space.fitness.top_k, batch_size=batch_size,
+    return metrics.dense_topk(model, fitness_batches[:sequences], k=space.fitness.top_k, batch_size=batch_size,
                                progress=False)
 
 

@@ -1,0 +1,193 @@
+"""tyrsearch's Python API: what the CLI, the benchmarks and notebooks call.
+
+Each function takes a model as the CLI's --model does (an alias such as `smollm2-135m`, an HF folder, a
+.gguf file) or an already loaded `PreTrainedModel` with its `tokenizer`, checks every parameter before the
+long work (a `ParameterError` naming the parameter), and returns a result whose `to_json()` is what the CLI
+prints and writes to result.json.
+
+    import tyrsearch
+    found = tyrsearch.search("smollm2-135m", target=0.3, out="runs/s03")
+    tyrsearch.evaluate(found.out / "model", text="code").ppl
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tyrsearch.errors import ParameterError, mention
+from tyrsearch.results import Evaluation, ExportResult, PruneResult, SearchResult
+from tyrsearch.texts import DEFAULT_CALIB, HELD_OUT_DOMAINS
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    ModelRef = str | Path | PreTrainedModel
+
+ALLOCATIONS = ("uniform", "owl", "knapsack")
+
+
+@dataclass(frozen=True)
+class Loaded:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    ref: str  # what result.json calls the model
+
+
+def load(model: ModelRef, tokenizer: PreTrainedTokenizerBase | None = None) -> Loaded:
+    """A model reference loaded (in eval mode), or a loaded model passed through with its tokenizer."""
+    from tyrsearch import assets
+
+    if isinstance(model, str | Path):
+        loaded, loaded_tokenizer = assets.load_model(str(model))
+        return Loaded(loaded, tokenizer or loaded_tokenizer, str(model))
+    if tokenizer is None:
+        raise ParameterError("tokenizer", "is needed with a loaded model: pass its tokenizer too")
+    return Loaded(model.eval(), tokenizer, model.config.name_or_path or model.config.model_type)
+
+
+def evaluate(model: ModelRef, *, tokenizer: PreTrainedTokenizerBase | None = None, text: str = "wiki-summaries",
+             seq_len: int = 512, max_tokens: int = 65536, zero_shot: int = 0, batch_size: int = 4,
+             progress: bool = True) -> Evaluation:
+    """Perplexity on `max_tokens` of `text` (whole windows of `seq_len`) and, with `zero_shot=N`, acc and
+    acc_norm on N examples each of ARC-Easy, PIQA, HellaSwag and WinoGrande."""
+    from tyrsearch import data, metrics, texts
+
+    _check_at_least(seq_len=(seq_len, 2), max_tokens=(max_tokens, 2), batch_size=(batch_size, 1),
+                    zero_shot=(zero_shot, 0))
+    source = texts.read_text(text)
+    loaded = load(model, tokenizer)
+    batches = data.eval_batches(loaded.tokenizer, source, seq_len=seq_len, max_tokens=max_tokens)
+    tic = time.perf_counter()
+    ppl = metrics.perplexity(loaded.model, batches, batch_size=batch_size, progress=progress)
+    elapsed = time.perf_counter() - tic
+    scores = metrics.zero_shot(loaded.model, loaded.tokenizer, limit=zero_shot, progress=progress) if zero_shot \
+        else None
+    return Evaluation(model=loaded.ref, text=text, seq_len=seq_len, ppl=ppl["ppl"], tokens=ppl["tokens"],
+                      params=metrics.total_params(loaded.model), decoder_params=metrics.decoder_params(loaded.model),
+                      time_s=elapsed, zero_shot=scores)
+
+
+def prune(model: ModelRef, *, sparsity: float, out: str | Path | None = None,
+          tokenizer: PreTrainedTokenizerBase | None = None, criterion: str = "osscar", allocation: str = "uniform",
+          attention_sparsity: float = 0.0, space: str | Path | None = None, sensitivity_seqs: int = 2,
+          calib: str = DEFAULT_CALIB, calib_seqs: int = 64, seq_len: int = 512, sequential: bool = True,
+          seed: int = 0, overwrite: bool = False, progress: bool = True) -> PruneResult:
+    """Prune one-shot to `sparsity` of the decoder layers' prunable parameters: a local `criterion` chooses
+    the units, `allocation` (uniform, owl, knapsack) how many per layer. Saved to `out` when given (an HF
+    folder with result.json; a loaded `model` is pruned in place)."""
+    from tyrsearch import allocation as allocations
+    from tyrsearch import data, metrics, texts
+    from tyrsearch.local import make_criterion
+    from tyrsearch.materialize import save_pruned
+    from tyrsearch.models import adapter_for
+    from tyrsearch.pruner import OneShotConfig, one_shot
+    from tyrsearch.search.knapsack import knapsack_prune
+    from tyrsearch.space import load_space
+
+    # everything a user can get wrong is checked before the model is loaded
+    allocations.check_sparsity(sparsity)
+    allocations.check_sparsity(attention_sparsity, parameter="attention_sparsity")
+    make_criterion(criterion)
+    if allocation not in ALLOCATIONS:
+        raise ParameterError("allocation", f"{allocation!r} is unknown: choose one of {', '.join(ALLOCATIONS)}")
+    _check_at_least(calib_seqs=(calib_seqs, 1), seq_len=(seq_len, 2), sensitivity_seqs=(sensitivity_seqs, 1))
+    chosen_space = load_space(str(space)) if space else None
+    if out is not None:
+        check_out_dir(Path(out), overwrite=overwrite)
+    sources = [texts.read_text(name) for name in texts.mixture(calib)]
+
+    loaded = load(model, tokenizer)
+    tokens = [data.tokenize(loaded.tokenizer, text) for text in sources]  # once, for calibration and sensitivity
+    batches = data.mixed_batches(loaded.tokenizer, tokens, seq_len=seq_len, count=calib_seqs, seed=seed)
+    before = {"params": metrics.total_params(loaded.model), "decoder_params": metrics.decoder_params(loaded.model)}
+    if allocation == "knapsack":
+        sensitivity = data.mixed_batches(loaded.tokenizer, tokens, seq_len=seq_len, count=sensitivity_seqs,
+                                         seed=seed + 1)
+        report = knapsack_prune(loaded.model, make_criterion(criterion, seed=seed), batches, sparsity=sparsity,
+                                space=chosen_space or load_space(adapter_for(loaded.model).search_space),
+                                sensitivity_batches=sensitivity)
+    else:
+        config = OneShotConfig(criterion=criterion, sparsity=sparsity, allocation=allocation,
+                               attention_sparsity=attention_sparsity, sequential=sequential, seed=seed)
+        report = one_shot(loaded.model, config, batches, progress=progress)
+    figures = {
+        "model": loaded.ref, "out": None if out is None else str(out),
+        "params_before": before["params"], "params_after": metrics.total_params(loaded.model),
+        "decoder_params_before": before["decoder_params"], "decoder_params_after": metrics.decoder_params(loaded.model),
+        "calibration": {"source": calib, "sequences": calib_seqs, "seq_len": seq_len,
+                        "tokens": int(batches.numel()), "seed": seed},
+        **report,
+    }
+    if out is not None:
+        save_pruned(loaded.model, loaded.tokenizer, out, result=figures)
+    return PruneResult(figures=figures, out=None if out is None else Path(out), model=loaded.model,
+                       tokenizer=loaded.tokenizer)
+
+
+def search(model: ModelRef, *, target: float, out: str | Path, tokenizer: PreTrainedTokenizerBase | None = None,
+           space: str | Path | None = None, budget: str = "params", objectives: str | tuple[str, ...] = ("kl",),
+           calib: str = DEFAULT_CALIB, calib_seqs: int = 32, seq_len: int = 512, criterion: str = "osscar",
+           strategy: str | None = None, start: str = "knapsack", sensitivity_seqs: int = 2,
+           latency_seq_len: int = 128, storage: str | None = None, study_name: str | None = None,
+           runner: str = "local", workers: int = 1, worker_threads: int | None = None, address: str | None = None,
+           heartbeat: int = 10, seed: int = 0, resume: bool = False, supernet_dir: str | Path | None = None,
+           no_rebuild: bool = False, eval_tokens: int = 0, eval_text: str = ",".join(HELD_OUT_DOMAINS),
+           progress: bool = True) -> SearchResult:
+    """Search how much to prune in each layer so that `target` of the dense model's `budget` (params, flops
+    or latency) is removed: a coarse-to-fine evolution over a supernet, kept in an Optuna study (`storage`,
+    default sqlite:///OUT/study.db; `resume=True` continues it). The winner is saved to OUT/model with
+    OUT/result.json and OUT/report.html; with `eval_tokens`, its perplexity on each `eval_text` too."""
+    from tyrsearch.search.pipeline import SearchRequest, run_search
+
+    request = SearchRequest(
+        target=target, out=Path(out), space=space, budget=budget,
+        objectives=objectives if isinstance(objectives, str) else ",".join(objectives), calib=calib,
+        calib_seqs=calib_seqs, seq_len=seq_len, criterion=criterion, strategy=strategy, start=start,
+        sensitivity_seqs=sensitivity_seqs, latency_seq_len=latency_seq_len, storage=storage, study_name=study_name,
+        runner=runner, workers=workers, worker_threads=worker_threads, address=address, heartbeat=heartbeat,
+        seed=seed, resume=resume, supernet_dir=None if supernet_dir is None else Path(supernet_dir),
+        no_rebuild=no_rebuild, eval_tokens=eval_tokens, eval_text=eval_text)
+    return run_search(model, request, tokenizer=tokenizer, progress=progress)
+
+
+def export(model: str | Path, *, out: str | Path, kv_cache: bool = False, int8: bool = False,
+           int8_method: str = "dynamic", int8_smooth: float = 0.75, opset: int = 18,
+           last_only: bool = False) -> ExportResult:
+    """Export a saved model (a folder from `prune` or `search`, or any --model reference) to ONNX at `out`
+    (a .onnx file; its folder receives the tokenizer, config, genai_config.json and runtime.py) and verify
+    it in ONNX Runtime against torch. `verified` is False, with the figures, when they disagree."""
+    from tyrsearch import assets
+    from tyrsearch.exporters.onnx_export import ExportConfig
+    from tyrsearch.exporters.onnx_export import export as write_onnx
+
+    folder = assets.resolve_model(str(model))
+    config = ExportConfig(kv_cache=kv_cache, int8=int8, int8_method=int8_method, int8_smooth=int8_smooth,
+                          opset=opset, last_only=last_only)
+    return ExportResult(figures=write_onnx(folder, Path(out), config), out=Path(out))
+
+
+def check_out_dir(out: Path, *, overwrite: bool, parameter: str = "out") -> None:
+    """Refuse a used or unwritable output folder before any work is done."""
+    import tempfile
+
+    if out.exists() and not out.is_dir():
+        raise ParameterError(parameter, f"{out} is a file; give a folder path")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ParameterError(parameter, f"{out} already exists and is not empty; choose a new folder or pass "
+                                        f"{mention('overwrite')}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out.parent).close()
+    except OSError as exc:
+        raise ParameterError(parameter, f"{out} is not writable ({exc.strerror}); choose a folder you can write "
+                                        "to") from None
+
+
+def _check_at_least(**values: tuple[Any, int]) -> None:
+    """Each keyword's (value, minimum): an integer at least the minimum."""
+    for name, (value, minimum) in values.items():
+        if not isinstance(value, int) or value < minimum:
+            raise ParameterError(name, f"must be an integer >= {minimum}, got {value!r}")
