@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import abc
 
-from tyrsearch.search.driver import Search, SearchResult
+from tyrsearch.search.driver import Search, Winner
 
 
 class Runner(abc.ABC):
     @abc.abstractmethod
-    def run(self, search: Search) -> SearchResult:
+    def run(self, search: Search) -> Winner:
         """Run the search to its winner (the study holds everything; a rerun resumes it)."""

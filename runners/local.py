@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from tyrsearch.runners.base import Runner
-from tyrsearch.search.driver import Search, SearchResult
+from tyrsearch.search.driver import Search, Winner
 
 
 class LocalRunner(Runner):
-    def run(self, search: Search) -> SearchResult:
+    def run(self, search: Search) -> Winner:
         return search.run()

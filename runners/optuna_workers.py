@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from tyrsearch.errors import UserError
 from tyrsearch.runners.base import Runner
-from tyrsearch.search.driver import Search, SearchResult, join_study
+from tyrsearch.search.driver import Search, Winner, join_study
 from tyrsearch.search.job import JOB, Job
 from tyrsearch.search.storage import HEARTBEAT_S, is_sqlite, open_storage
 from tyrsearch.search.worker import DONE, Backoff, Worker, reference_for
@@ -36,7 +36,7 @@ class OptunaRunner(Runner):
         self.threads = threads or max(1, (os.cpu_count() or 1) // max(1, workers))
         self.heartbeat_s = heartbeat_s
 
-    def run(self, search: Search) -> SearchResult:
+    def run(self, search: Search) -> Winner:
         workers = [self._spawn() for _ in range(self.workers)]
         try:
             result = search.run(work=lambda: self._check(workers))

@@ -37,9 +37,9 @@ from ray.util.queue import Queue
 from tyrsearch.errors import UserError
 from tyrsearch.runners import ray_trial
 from tyrsearch.runners.base import Runner
-from tyrsearch.search.driver import Search, SearchResult
+from tyrsearch.search.driver import Search, Winner
 from tyrsearch.search.job import JOB, Job
-from tyrsearch.search.worker import Backoff, Dispatcher, Evaluation, Task, reference_for, worker_name
+from tyrsearch.search.worker import Backoff, Dispatcher, EvaluationModels, Task, reference_for, worker_name
 from tyrsearch.space import parse_space
 
 cloudpickle.register_pickle_by_value(ray_trial)  # trial actors then never import tyrsearch (torch)
@@ -116,7 +116,7 @@ class Evaluator:
         job = Job(**job)
         model, _, batches = job.load(space)
         reference = reference_for(model, batches.fitness, space, batch_size=job.batch_size)
-        self.evaluation = Evaluation(model=model, reference=reference, space=space, batch_size=job.batch_size)
+        self.evaluation = EvaluationModels(model=model, reference=reference, space=space, batch_size=job.batch_size)
 
     def evaluate(self, task: dict) -> dict:
         tic = time.perf_counter()
@@ -134,11 +134,11 @@ class RayRunner(Runner):
         self.address, self.workers = address, workers
         self.threads = threads or max(1, (os.cpu_count() or 1) // workers)
 
-    def run(self, search: Search) -> SearchResult:
+    def run(self, search: Search) -> Winner:
         with ray_cluster(self.address, cpus=self.workers * self.threads):
             return self._run(search)
 
-    def _run(self, search: Search) -> SearchResult:
+    def _run(self, search: Search) -> Winner:
         study = search.study
         search.retry_running()  # left by a killed earlier run of this search
         dispatcher = Dispatcher(study=study, space=search.space, seq_len=search.seq_len)

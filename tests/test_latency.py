@@ -225,7 +225,7 @@ def test_nsga2_over_kl_and_latency_reports_a_pareto_front(lean, tmp_path):
     (["--objectives", "kl,speed"], "--objectives 'kl,speed' is not valid"),
     (["--strategy", "nsga2"], "--strategy nsga2 searches several --objectives"),
     (["--objectives", "kl,latency", "--strategy", "tpe"], "--strategy nsga2 searches several --objectives"),
-    (["--budget", "watts"], "unknown --budget 'watts'"),
+    (["--budget", "watts"], "--budget 'watts' is unknown"),
 ])
 def test_bad_budget_or_objective_input_is_one_line_exit_2(lean, tmp_path, args, message):
     ran = _search(lean, tmp_path / "run", "--target", "0.3", *args)

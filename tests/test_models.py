@@ -7,7 +7,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from tests.conftest import tiny_gemma3, tiny_llama, tiny_qwen2
 from tyrsearch.errors import UserError
 from tyrsearch.local import CRITERIA, make_criterion, top_per_block
-from tyrsearch.models import KV_GROUPS, MLP, Q_HEADS, LayerShape, Selection, adapter_for
+from tyrsearch.models import KV_GROUPS, MLP, Q_HEADS, KeptUnits, LayerShape, adapter_for
 from tyrsearch.pruner import OneShotConfig, check_plan, one_shot, prune
 
 
@@ -48,7 +48,7 @@ def test_slicing_removes_exactly_the_coupled_weights(tokens):
     dense_q = layer.self_attn.q_proj.weight.clone()
     dense_o = layer.self_attn.o_proj.weight.clone()
     dense_k = layer.self_attn.k_proj.weight.clone()
-    shape = adapter.prune_layer_(layer, KV_GROUPS, Selection(kept=torch.tensor([1])), layer_idx=0, head_dim=8)
+    shape = adapter.prune_layer_(layer, KV_GROUPS, KeptUnits(kept=torch.tensor([1])), layer_idx=0, head_dim=8)
     assert shape == LayerShape(kv_heads=1, q_per_kv=3, intermediate=64)
     assert torch.equal(layer.self_attn.q_proj.weight, dense_q[24:48])
     assert torch.equal(layer.self_attn.k_proj.weight, dense_k[8:16])
@@ -60,7 +60,7 @@ def test_query_heads_keep_the_gqa_ratio_uniform(tokens):
     model = tiny_llama()
     adapter, layer = adapter_for(model), model.model.layers[0]
     # keep heads 0, 2 of group 0 and heads 3, 4 of group 1
-    shape = adapter.prune_layer_(layer, Q_HEADS, Selection(kept=torch.tensor([0, 2, 3, 4])), layer_idx=0, head_dim=8)
+    shape = adapter.prune_layer_(layer, Q_HEADS, KeptUnits(kept=torch.tensor([0, 2, 3, 4])), layer_idx=0, head_dim=8)
     assert shape == LayerShape(kv_heads=2, q_per_kv=2, intermediate=64)
     assert layer.self_attn.num_key_value_groups == 2
     assert layer.self_attn.k_proj.out_features == 16  # KV heads untouched
@@ -135,7 +135,7 @@ def test_sequential_calibration_sees_pruned_inputs(tokens):
         adapter = adapter_for(model)
         inputs = LayerInputs(model, adapter, tokens, batch_size=3)
         inputs.collect({})
-        adapter.prune_layer_(model.model.layers[0], MLP, Selection(kept=torch.arange(8)), layer_idx=0, head_dim=8)
+        adapter.prune_layer_(model.model.layers[0], MLP, KeptUnits(kept=torch.arange(8)), layer_idx=0, head_dim=8)
         inputs.advance(recompute=sequential)
         seen[sequential] = torch.cat(inputs.hidden)
     dense = tiny_llama()

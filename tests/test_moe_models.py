@@ -24,7 +24,7 @@ from tyrsearch.allocation import Dims
 from tyrsearch.errors import UserError
 from tyrsearch.local import make_criterion
 from tyrsearch.materialize import save_pruned
-from tyrsearch.models import EXPERTS, KV_GROUPS, MLP, Q_HEADS, LayerShape, Selection, adapter_for
+from tyrsearch.models import EXPERTS, KV_GROUPS, MLP, Q_HEADS, KeptUnits, LayerShape, adapter_for
 from tyrsearch.pruner import prune
 
 HIDDEN, HEAD_DIM = 64, 16
@@ -69,7 +69,7 @@ KEEP = {
 def remove_experts(model, keep: dict[int, list[int]]) -> None:
     adapter = adapter_for(model)
     for idx, kept in keep.items():
-        adapter.prune_layer_(adapter.layers(model)[idx], EXPERTS, Selection(kept=torch.tensor(kept)),
+        adapter.prune_layer_(adapter.layers(model)[idx], EXPERTS, KeptUnits(kept=torch.tensor(kept)),
                              layer_idx=idx, head_dim=adapter.head_dim(model))
 
 
@@ -155,13 +155,13 @@ def test_keeping_fewer_experts_than_top_k_is_refused():
     model = tiny_mixtral()
     layer = model.model.layers[0]
     with pytest.raises(UserError, match="cannot keep 1 experts.*keep at least 2"):
-        adapter_for(model).prune_layer_(layer, EXPERTS, Selection(kept=torch.tensor([3])), layer_idx=0,
+        adapter_for(model).prune_layer_(layer, EXPERTS, KeptUnits(kept=torch.tensor([3])), layer_idx=0,
                                         head_dim=HEAD_DIM)
     assert adapter_for(model).shape(layer).experts == 6  # nothing was cut
     # a state-dict slice cannot see top-k, but it never returns experts == 0, the mark of a dense MLP
     with pytest.raises(ValueError, match="at least one expert"):
         adapter_for(model).slice(layer.state_dict(), adapter_for(model).shape(layer), EXPERTS,
-                                 Selection(kept=torch.zeros(0, dtype=torch.long)), head_dim=HEAD_DIM)
+                                 KeptUnits(kept=torch.zeros(0, dtype=torch.long)), head_dim=HEAD_DIM)
 
 
 def test_unknown_units_still_raise():
@@ -169,7 +169,7 @@ def test_unknown_units_still_raise():
     adapter, state = adapter_for(qwen), qwen.model.layers[0].state_dict()
     shape = adapter.shape(qwen.model.layers[0])
     with pytest.raises(ValueError, match="unknown unit type 'heads'"):
-        adapter.slice(state, shape, "heads", Selection(kept=torch.tensor([0])), head_dim=HEAD_DIM)
+        adapter.slice(state, shape, "heads", KeptUnits(kept=torch.tensor([0])), head_dim=HEAD_DIM)
     dense_layer = qwen.model.layers[1]
     with pytest.raises(ValueError, match="dense MLP"):
         adapter.group(dense_layer.state_dict(), adapter.shape(dense_layer), EXPERTS, head_dim=HEAD_DIM)
@@ -216,7 +216,7 @@ def _pruned(name):
     remove_experts(model, KEEP[name])
     adapter = adapter_for(model)
     if KV_GROUPS in adapter.unit_types:
-        adapter.prune_layer_(model.model.layers[0], KV_GROUPS, Selection(kept=torch.tensor([1])), layer_idx=0,
+        adapter.prune_layer_(model.model.layers[0], KV_GROUPS, KeptUnits(kept=torch.tensor([1])), layer_idx=0,
                              head_dim=HEAD_DIM)
     return model
 

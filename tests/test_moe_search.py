@@ -12,7 +12,7 @@ from tyrsearch.errors import UserError
 from tyrsearch.local import make_criterion
 from tyrsearch.materialize import save_pruned
 from tyrsearch.models import EXPERTS, adapter_for
-from tyrsearch.moe.selection import ExpertLayer, clusters_after, complete_linkage, expert_distance, representative
+from tyrsearch.moe.experts import ExpertLayer, clusters_after, complete_linkage, expert_distance, representative
 from tyrsearch.search.driver import Search, SearchConfig, materialize, open_study
 from tyrsearch.space import Fitness, SearchSpace, Stage, UnitSpace, load_space
 from tyrsearch.supernet import build_supernet

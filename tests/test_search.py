@@ -184,7 +184,7 @@ def test_an_interrupted_search_resumes_to_the_same_winner(tmp_path, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         _search(tmp_path / "cut").run()
     monkeypatch.setattr(SelectionPruner, "prune", original)
-    with pytest.raises(UserError, match="pass --resume"):
+    with pytest.raises(UserError, match="pass resume to continue it"):
         _search(tmp_path / "cut")
     resumed = _search(tmp_path / "cut", resume=True)
     result = resumed.run()

@@ -16,9 +16,9 @@ from tyrsearch.errors import UserError
 from tyrsearch.materialize import save_pruned
 from tyrsearch.models import adapter_for
 from tyrsearch.moe import stats as calibration
-from tyrsearch.moe.selection import (
+from tyrsearch.moe.experts import (
     ExpertLayer,
-    Stun,
+    StunExperts,
     complete_linkage,
     expert_distance,
     global_threshold,
@@ -151,7 +151,7 @@ def test_co_selection_distance_is_normalised_against_chance():
 def test_stun_clusters_co_selected_experts_and_keeps_the_more_used_of_two():
     # 22 tokens, top-2: {0,1} x9, {2,3} x8, {1,3} x3, {0,2} x1, {1,2} x1
     layer = _layer([[10, 9, 1, 0], [9, 13, 1, 3], [1, 1, 10, 8], [0, 3, 8, 11]])
-    plan = Stun().select([layer], keep=2)
+    plan = StunExperts().select([layer], keep=2)
     # a 2-expert cluster's members are equally far from its centroid: the more often selected one stays
     assert plan.layers[0].kept == (1, 3)
     assert plan.layers[0].clusters == ((1, 0), (3, 2))
@@ -180,7 +180,7 @@ def test_stun_keeps_exactly_the_requested_global_count(name, batches):
     total = sum(x.experts for x in layers)
     for router_weight in (0.0, 0.5):
         for keep in range(2 * len(layers), total + 1):
-            plan = Stun(router_weight=router_weight).select(layers, keep)
+            plan = StunExperts(router_weight=router_weight).select(layers, keep)
             assert sum(len(k.kept) for k in plan.layers) == keep
             for kept, layer in zip(plan.layers, layers, strict=True):
                 assert len(kept.kept) >= layer.top_k
@@ -327,7 +327,7 @@ BAD_CONFIGS = [
     ({"experts_keep": 3, "sparsity": 0.5}, "at least 4 must stay"),
     ({"experts_keep": 4, "method": "frequency", "sparsity": 0.6}, None),  # 2 + 2: fine
     ({"experts_keep": 5, "method": "random", "sparsity": 0.5}, None),
-    ({"experts_keep": 0.5, "sparsity": 1.0}, "--sparsity must be in [0, 1)"),
+    ({"experts_keep": 0.5, "sparsity": 1.0}, "sparsity must be in [0, 1)"),
     ({"experts_keep": 0.5, "sparsity": 0.1}, "below the expert stage's share"),
     ({"experts_keep": 1.5, "sparsity": 0.5}, "as a share must be in (0, 1]"),
     ({"experts_keep": 0.5, "sparsity": 0.5, "method": "lottery"}, "unknown --method 'lottery'"),

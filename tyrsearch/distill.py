@@ -23,7 +23,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
-from tyrsearch.atomic import atomic_folder
+from tyrsearch.atomic import atomic_folder, write_json
 from tyrsearch.errors import UserError
 
 TRAINABLE = ("mlp", "all")
@@ -130,7 +130,7 @@ def distill(teacher: nn.Module, student: nn.Module, windows: torch.Tensor, check
     checkpoints = Path(checkpoints)
     settings = check_resumable(checkpoints, config, settings)
     checkpoints.mkdir(parents=True, exist_ok=True)
-    (checkpoints / SETTINGS).write_text(json.dumps(settings, indent=2) + "\n")
+    write_json(checkpoints / SETTINGS, settings)
 
     teacher.eval().requires_grad_(False)
     keep = set(trainable_names(student, config.train))

@@ -18,7 +18,7 @@ from tyrsearch import allocation
 from tyrsearch.calibration import InputStats, LayerInputs, first_order_saliency
 from tyrsearch.errors import UserError
 from tyrsearch.local import Criterion, make_criterion
-from tyrsearch.models import ATTENTION_UNITS, MLP, Q_HEADS, FamilyAdapter, LayerShape, Selection, adapter_for
+from tyrsearch.models import ATTENTION_UNITS, MLP, Q_HEADS, FamilyAdapter, KeptUnits, LayerShape, adapter_for
 
 
 def dims_of(model: nn.Module) -> allocation.Dims:
@@ -81,14 +81,14 @@ def prune(model: nn.Module, plan: list[LayerShape], criterion: Criterion, batche
                 group = replace(group, xtx=s.xtx, x_sum=s.x_sum, tokens=s.tokens)
             if saliency is not None:
                 group = replace(group, saliency=_unit_saliency(adapter, saliency[idx], shape, unit, head_dim))
-            selection = criterion.select(group, keep) if keep else Selection(kept=torch.zeros(0, dtype=torch.long))
+            selection = criterion.select(group, keep) if keep else KeptUnits(kept=torch.zeros(0, dtype=torch.long))
             adapter.prune_layer_(layer, unit, selection, layer_idx=idx, head_dim=head_dim)
             changed = True
             # the surviving units' statistics and saliencies are unchanged: keep them, cut like the weights
             if stats_key in stats:
                 stats[stats_key] = stats[stats_key].select(group.columns(selection.kept))
             if saliency is not None:
-                saliency[idx], _ = adapter.slice(saliency[idx], shape, unit, Selection(kept=selection.kept),
+                saliency[idx], _ = adapter.slice(saliency[idx], shape, unit, KeptUnits(kept=selection.kept),
                                                  head_dim=head_dim)
         if inputs is not None and idx + 1 < len(layers):
             inputs.advance(recompute=sequential and changed)

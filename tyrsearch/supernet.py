@@ -31,7 +31,7 @@ from tyrsearch.atomic import atomic_folder
 from tyrsearch.calibration import LayerInputs
 from tyrsearch.errors import UserError
 from tyrsearch.local import Criterion
-from tyrsearch.models import ATTENTION_UNITS, EXPERTS, MLP, Q_HEADS, LayerShape, Selection, adapter_for
+from tyrsearch.models import ATTENTION_UNITS, EXPERTS, MLP, Q_HEADS, KeptUnits, LayerShape, adapter_for
 from tyrsearch.moe.stats import co_selection
 from tyrsearch.space import SearchSpace
 
@@ -57,10 +57,10 @@ class Supernet:
 
     grid: list[dict[str, list[int]]]
     levels: int
-    variants: dict[tuple[int, str, int], Selection]  # (layer, unit, level) -> selection
+    variants: dict[tuple[int, str, int], KeptUnits]  # (layer, unit, level) -> selection
     manifest: dict
 
-    def selection(self, layer: int, unit: str, level: int) -> Selection:
+    def selection(self, layer: int, unit: str, level: int) -> KeptUnits:
         return self.variants[(layer, unit, level)]
 
     def keep(self, layer: int, unit: str, level: int) -> int:
@@ -122,7 +122,7 @@ class Supernet:
             tensors = load_file(path)
             keeps = manifest["grid"][idx][unit]
             for level, keep in zip(range(-manifest["levels"], manifest["levels"] + 1), keeps, strict=True):
-                variants[(idx, unit, level)] = Selection(kept=tensors[f"{keep}.kept"],
+                variants[(idx, unit, level)] = KeptUnits(kept=tensors[f"{keep}.kept"],
                                                          consumer=tensors.get(f"{keep}.consumer"),
                                                          bias_shift=tensors.get(f"{keep}.bias_shift"))
         return cls(grid=manifest["grid"], levels=manifest["levels"], variants=variants, manifest=manifest)
@@ -193,7 +193,7 @@ def build_supernet(model: nn.Module, criterion: Criterion, batches: torch.Tensor
                 group = replace(group, xtx=s.xtx, x_sum=s.x_sum, tokens=s.tokens)
             nonzero = [k for k in keeps if k]
             by_keep = criterion.select_many(group, nonzero) if nonzero else {}
-            by_keep[0] = Selection(kept=torch.zeros(0, dtype=torch.long))  # the block is removed
+            by_keep[0] = KeptUnits(kept=torch.zeros(0, dtype=torch.long))  # the block is removed
             for level, keep in zip(range(-space.levels, space.levels + 1), keeps, strict=True):
                 variants[(idx, unit, level)] = by_keep[keep]
         if expectation:

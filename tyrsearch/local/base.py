@@ -12,7 +12,7 @@ from typing import ClassVar
 
 import torch
 
-from tyrsearch.models import Selection, UnitGroup
+from tyrsearch.models import KeptUnits, UnitGroup
 
 
 class Criterion(ABC):
@@ -23,10 +23,10 @@ class Criterion(ABC):
     needs_gradients: ClassVar[bool] = False  # first-order saliency from the calibration loss
 
     @abstractmethod
-    def select(self, group: UnitGroup, keep: int) -> Selection:
+    def select(self, group: UnitGroup, keep: int) -> KeptUnits:
         """Keep `keep` units in every block of `group`."""
 
-    def select_many(self, group: UnitGroup, keeps: list[int]) -> dict[int, Selection]:
+    def select_many(self, group: UnitGroup, keeps: list[int]) -> dict[int, KeptUnits]:
         """One selection per distinct keep (criteria with nested removal paths do it in one pass)."""
         return {keep: self.select(group, keep) for keep in set(keeps)}
 
@@ -38,8 +38,8 @@ class ScoreCriterion(Criterion):
     def scores(self, group: UnitGroup) -> torch.Tensor:
         """[U] importance of each unit, higher is kept."""
 
-    def select(self, group: UnitGroup, keep: int) -> Selection:
-        return Selection(kept=top_per_block(self.scores(group), blocks=group.blocks, keep=keep))
+    def select(self, group: UnitGroup, keep: int) -> KeptUnits:
+        return KeptUnits(kept=top_per_block(self.scores(group), blocks=group.blocks, keep=keep))
 
 
 def top_per_block(scores: torch.Tensor, *, blocks: int, keep: int) -> torch.Tensor:

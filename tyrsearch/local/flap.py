@@ -8,7 +8,7 @@ output keeps its expected value.
 import torch
 
 from tyrsearch.local.base import ScoreCriterion, column_norms_sq, top_per_block
-from tyrsearch.models import Selection, UnitGroup
+from tyrsearch.models import KeptUnits, UnitGroup
 
 
 class Flap(ScoreCriterion):
@@ -21,11 +21,11 @@ class Flap(ScoreCriterion):
         variance = (group.xtx.diagonal() / n - mean.pow(2)).clamp_min(0) * n / max(n - 1, 1)
         return (variance * column_norms_sq(group)).reshape(group.units, group.width).sum(1)
 
-    def select(self, group: UnitGroup, keep: int) -> Selection:
+    def select(self, group: UnitGroup, keep: int) -> KeptUnits:
         kept = top_per_block(self.scores(group), blocks=group.blocks, keep=keep)
         removed = torch.ones(group.units, dtype=torch.bool)
         removed[kept] = False
         cols = group.columns(removed.nonzero().squeeze(1))
         consumer = group.consumer.reshape(group.consumer.shape[0], -1).double()  # [out, U * width]
         bias = consumer[:, cols] @ (group.x_sum[cols] / group.tokens)  # [out]
-        return Selection(kept=kept, bias_shift=bias)
+        return KeptUnits(kept=kept, bias_shift=bias)

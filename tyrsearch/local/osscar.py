@@ -16,7 +16,7 @@ import math
 import torch
 
 from tyrsearch.local.base import Criterion
-from tyrsearch.models import Selection, UnitGroup
+from tyrsearch.models import KeptUnits, UnitGroup
 
 
 def damped(h: torch.Tensor, damp: float) -> torch.Tensor:
@@ -51,10 +51,10 @@ class Osscar(Criterion):
         gram = w_blocks.permute(1, 2, 0) @ w_blocks.permute(1, 0, 2)  # [C, width, width]: W_u^T W_u
         return (torch.linalg.inv(h_blocks) * gram).sum(dim=(1, 2))
 
-    def select(self, group: UnitGroup, keep: int) -> Selection:
+    def select(self, group: UnitGroup, keep: int) -> KeptUnits:
         return self.select_many(group, [keep])[keep]
 
-    def select_many(self, group: UnitGroup, keeps: list[int]) -> dict[int, Selection]:
+    def select_many(self, group: UnitGroup, keeps: list[int]) -> dict[int, KeptUnits]:
         """One greedy removal path down to the smallest keep, with a snapshot at every keep on the way:
         removal is nested, so all levels of a layer cost about one selection."""
         units, blocks = group.units, group.blocks
@@ -92,6 +92,6 @@ class Osscar(Criterion):
                 h_inv[cols] = 0
                 h_inv[:, cols] = 0
             kept_at[keep] = alive.nonzero().squeeze(1)
-        return {keep: Selection(kept=kept, consumer=least_squares_refit(dense, h, group.columns(kept),
+        return {keep: KeptUnits(kept=kept, consumer=least_squares_refit(dense, h, group.columns(kept),
                                                                         damp=self.damp) if len(kept) else None)
                 for keep, kept in kept_at.items()}

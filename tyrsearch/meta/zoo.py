@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from tyrsearch.atomic import atomic_folder
+from tyrsearch.atomic import atomic_folder, write_json
 from tyrsearch.errors import UserError
 from tyrsearch.meta import data
 from tyrsearch.meta.nets import (
@@ -153,12 +153,6 @@ def read_zoo(folder: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
-def _write_json(path: Path, content: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(content, indent=2) + "\n")
-    tmp.replace(path)
-
-
 def build_zoo(config: ZooConfig, out: Path, *, progress: bool = False) -> dict:
     """Train `config.count` networks (seed i, base width `widths[i % len]`) into `out`, skipping those a
     previous run with the same settings finished; zoo.json is rewritten after each network."""
@@ -186,6 +180,6 @@ def build_zoo(config: ZooConfig, out: Path, *, progress: bool = False) -> dict:
                  "flops": flops(net_config), "params": sum(p.numel() for p in model.parameters())}
         save_net(out / name, model, net_config, {k: v for k, v in entry.items() if k != "name"})
         zoo["nets"].append(entry)
-        _write_json(out / ZOO, zoo)
+        write_json(out / ZOO, zoo)
     return zoo
 

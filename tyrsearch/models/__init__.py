@@ -10,8 +10,8 @@ from tyrsearch.models.base import (
     MLP,
     Q_HEADS,
     FamilyAdapter,
+    KeptUnits,
     LayerShape,
-    Selection,
     UnitGroup,
 )
 from tyrsearch.models.gemma3 import Gemma3Adapter
@@ -46,5 +46,5 @@ def adapter_for(model: nn.Module) -> FamilyAdapter:
 
 __all__ = [
     "ADAPTERS", "ATTENTION_UNITS", "EXPERTS", "KV_GROUPS", "MLP", "Q_HEADS", "FamilyAdapter", "LayerShape",
-    "Selection", "UnitGroup", "adapter_for", "base_model_type", "supported_model_types",
+    "KeptUnits", "UnitGroup", "adapter_for", "base_model_type", "supported_model_types",
 ]

@@ -107,7 +107,7 @@ class UnitGroup:
 
 
 @dataclass(frozen=True)
-class Selection:
+class KeptUnits:
     """What a criterion returns: the units to keep and, optionally, a reconstructed consumer."""
 
     kept: torch.Tensor  # [K] unit indices, ascending
@@ -189,7 +189,7 @@ class FamilyAdapter:
         )
 
     def slice(self, tensors: dict[str, torch.Tensor], shape: LayerShape, unit_type: str,
-              selection: Selection, *, head_dim: int) -> tuple[dict[str, torch.Tensor], LayerShape]:
+              selection: KeptUnits, *, head_dim: int) -> tuple[dict[str, torch.Tensor], LayerShape]:
         """Keep `selection.kept` units in a layer's state dict; every coupled weight is cut."""
         producers, consumer, width, blocks = self._coupling(shape, unit_type, head_dim)
         kept = selection.kept
@@ -212,7 +212,7 @@ class FamilyAdapter:
             out = {k: v for k, v in out.items() if not k.startswith(prefix)}
         return out, new_shape
 
-    def prune_layer_(self, layer: nn.Module, unit_type: str, selection: Selection, *, layer_idx: int,
+    def prune_layer_(self, layer: nn.Module, unit_type: str, selection: KeptUnits, *, layer_idx: int,
                      head_dim: int) -> LayerShape:
         """Physically cut one unit type of `layer` in place; returns the new shape."""
         shape = self.shape(layer)

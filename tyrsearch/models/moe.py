@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from tyrsearch.errors import UserError
-from tyrsearch.models.base import ATTENTION_UNITS, EXPERTS, KV_GROUPS, MLP, Q_HEADS, LayerShape, Selection, UnitGroup
+from tyrsearch.models.base import ATTENTION_UNITS, EXPERTS, KV_GROUPS, MLP, Q_HEADS, KeptUnits, LayerShape, UnitGroup
 from tyrsearch.models.llama import LlamaAdapter
 
 ROUTER = "mlp.gate.weight"
@@ -75,7 +75,7 @@ class MoEAdapter(LlamaAdapter):
         )
 
     def slice(self, tensors: dict[str, torch.Tensor], shape: LayerShape, unit_type: str,
-              selection: Selection, *, head_dim: int) -> tuple[dict[str, torch.Tensor], LayerShape]:
+              selection: KeptUnits, *, head_dim: int) -> tuple[dict[str, torch.Tensor], LayerShape]:
         if unit_type != EXPERTS:
             return super().slice(tensors, shape, unit_type, selection, head_dim=head_dim)
         _check_moe(shape)
@@ -88,7 +88,7 @@ class MoEAdapter(LlamaAdapter):
                for name, t in tensors.items()}
         return out, shape.with_units(EXPERTS, len(kept))
 
-    def prune_layer_(self, layer: nn.Module, unit_type: str, selection: Selection, *, layer_idx: int,
+    def prune_layer_(self, layer: nn.Module, unit_type: str, selection: KeptUnits, *, layer_idx: int,
                      head_dim: int) -> LayerShape:
         if unit_type == EXPERTS and is_moe_block(layer.mlp):
             top_k = layer.mlp.gate.top_k

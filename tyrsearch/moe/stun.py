@@ -4,8 +4,8 @@
     save_pruned(model, tokenizer, "out/")          # per-layer expert counts; reloads with from_pretrained
 
 1. Calibration (`tyrsearch.moe.stats`): ONE pass over the calibration batches with forward hooks collects
-   the experts' co-selection counts and the input norms that Wanda needs.
-2. Expert stage (`tyrsearch.moe.selection`): a method chosen by name (stun, frequency, random; none
+   the experts' co-selection counts and the input norms that WandaSparsity needs.
+2. Expert stage (`tyrsearch.moe.experts`): a method chosen by name (stun, frequency, random; none
    keeps every expert) decides which experts each MoE layer keeps, `experts_keep` of them in total. The
    family adapter cuts the others with their router rows. With `merge`, each cluster of at most
    `merge_max_size` experts first becomes the average of its members (weighted by how often each was
@@ -38,10 +38,10 @@ from torch import nn
 from tyrsearch.allocation import check_sparsity
 from tyrsearch.errors import UserError
 from tyrsearch.modeling import SkippedAttention, SkippedMLP
-from tyrsearch.models import EXPERTS, Selection, adapter_for
+from tyrsearch.models import EXPERTS, KeptUnits, adapter_for
 from tyrsearch.models.moe import is_moe_block
 from tyrsearch.moe import stats as calibration
-from tyrsearch.moe.selection import ExpertLayer, KeptExperts, check_keep, make_selector, proportional_counts
+from tyrsearch.moe.experts import ExpertLayer, KeptExperts, check_keep, make_selector, proportional_counts
 from tyrsearch.moe.unstructured import Matrix, make_stage, prune_
 
 METHODS = ("stun", "frequency", "random", "none")
@@ -99,7 +99,7 @@ def _nonzero(layer: nn.Module) -> int:
 
 
 @dataclass(frozen=True)
-class Budget:
+class WeightBudget:
     """The global figures a configuration implies, known before the calibration pass."""
 
     keep: int  # experts kept in total
@@ -108,7 +108,7 @@ class Budget:
     unstructured: float  # the share of the covered weights the unstructured stage zeroes
 
 
-def check_config(model: nn.Module, config: StunConfig) -> Budget:
+def check_config(model: nn.Module, config: StunConfig) -> WeightBudget:
     """Every mistake a user can make, as a UserError, before any work; the budget otherwise."""
     layers = adapter_for(model).layers(model)
     moe = moe_layers(model)
@@ -143,7 +143,7 @@ def check_config(model: nn.Module, config: StunConfig) -> Budget:
     router_rows = keep * layers[moe[0]].mlp.gate.weight.shape[1]
     covered = dense - removed - router_rows
     if target is None:
-        return Budget(keep=keep, dense=dense, removed=removed,
+        return WeightBudget(keep=keep, dense=dense, removed=removed,
                       unstructured=SEMI_STRUCTURED_SPARSITY if config.semi_structured else 0.0)
     zeros = round(target * dense) - removed
     if zeros < 0:
@@ -152,7 +152,7 @@ def check_config(model: nn.Module, config: StunConfig) -> Budget:
                         "the weights; raise --sparsity or keep more experts")
     if zeros >= covered:
         raise UserError(f"--sparsity {target} would zero every weight the expert stage keeps; lower --sparsity")
-    return Budget(keep=keep, dense=dense, removed=removed, unstructured=zeros / covered)
+    return WeightBudget(keep=keep, dense=dense, removed=removed, unstructured=zeros / covered)
 
 
 def _keep_count(config: StunConfig, total: int) -> int:
@@ -266,7 +266,7 @@ def stun_prune(model: nn.Module, batches: torch.Tensor, *, config: StunConfig, p
             if config.merge:
                 _merge_(layers[i].mlp, kept, stats[i].co_selection.diagonal(), max_size=config.merge_max_size)
             index = torch.tensor(kept.kept)
-            adapter.prune_layer_(layers[i], EXPERTS, Selection(kept=index), layer_idx=i,
+            adapter.prune_layer_(layers[i], EXPERTS, KeptUnits(kept=index), layer_idx=i,
                                  head_dim=adapter.head_dim(model))
             stats[i] = stats[i].keep_experts(index)
             clusters.append([list(c) for c in kept.clusters])

@@ -40,7 +40,7 @@ class Matrix:
     norm: torch.Tensor  # [in] float64: ||x_j|| over the calibration tokens W saw
 
     def scores(self) -> torch.Tensor:
-        """[rows, in] float64 Wanda scores (|W| alone where the matrix saw no token)."""
+        """[rows, in] float64 WandaSparsity scores (|W| alone where the matrix saw no token)."""
         norm = self.norm if bool(self.norm.any()) else torch.ones_like(self.norm)
         return self.weight.detach().double().abs() * norm[None, :]
 
@@ -57,14 +57,14 @@ class LayerSparsity(ABC):
         """Each layer's share of its matrices' weights to zero; their size-weighted mean is `sparsity`."""
 
 
-class Wanda(LayerSparsity):
+class WandaSparsity(LayerSparsity):
     name = "wanda"
 
     def layer_sparsities(self, layers: list[list[Matrix]], sparsity: float) -> list[float]:
         return [sparsity] * len(layers)
 
 
-class Owl(LayerSparsity):
+class OwlSparsity(LayerSparsity):
     name = "owl"
 
     def __init__(self, *, lam: float = 0.08, m: float = 5.0):
@@ -94,7 +94,7 @@ class NoUnstructured(LayerSparsity):
         return [0.0] * len(layers)
 
 
-STAGES: dict[str, type[LayerSparsity]] = {cls.name: cls for cls in (Wanda, Owl, NoUnstructured)}
+STAGES: dict[str, type[LayerSparsity]] = {cls.name: cls for cls in (WandaSparsity, OwlSparsity, NoUnstructured)}
 
 
 def make_stage(name: str) -> LayerSparsity:

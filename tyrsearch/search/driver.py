@@ -82,7 +82,7 @@ class SearchConfig:
 
 
 @dataclass
-class SearchResult:
+class Winner:
     levels: Levels
     supernet: Supernet
     fitness: float
@@ -259,7 +259,7 @@ class Search:
 
     # -- the study ------------------------------------------------------------------------------------
 
-    def run(self, *, work: Callable[[], bool] | None = None) -> SearchResult:
+    def run(self, *, work: Callable[[], bool] | None = None) -> Winner:
         """Plan every generation and wait for its candidates to be evaluated. `work` does one piece of
         evaluation and says whether there was any (other processes may do the rest). Without it, an
         in-process Worker evaluates, and this process owns the study: trials left running by a killed
@@ -313,7 +313,7 @@ class Search:
                 local.close()
         self.study.set_user_attr(DONE, True)
         self.times["search"] = time.perf_counter() - tic - self.times["supernet"] - self.times["sensitivity"]
-        return SearchResult(levels=params_to_levels(winner.params, len(self.dense)), supernet=supernet,
+        return Winner(levels=params_to_levels(winner.params, len(self.dense)), supernet=supernet,
                             fitness=winner.values[0], iterations=summary, times_s=dict(self.times))
 
     def _validate(self, k: int, supernet: Supernet) -> dict[int, float]:
@@ -444,7 +444,7 @@ class Search:
             self.study._storage.set_trial_user_attr(trial._trial_id, key, value)
 
 
-def materialize(model: nn.Module, result: SearchResult) -> nn.Module:
+def materialize(model: nn.Module, result: Winner) -> nn.Module:
     """A copy of the dense `model` cut to the winner (per-layer shapes; save it with save_pruned)."""
     return result.supernet.apply(copy.deepcopy(model), result.levels)
 

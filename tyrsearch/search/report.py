@@ -11,6 +11,7 @@ import optuna
 from optuna.trial import TrialState
 
 from tyrsearch.allocation import Dims
+from tyrsearch.atomic import write_text
 from tyrsearch.errors import UserError
 from tyrsearch.models import LayerShape
 from tyrsearch.search.samplers import GENERATION, ITERATION, VALIDATION, best_trial, iteration_trials
@@ -141,9 +142,7 @@ def render_report(*, study: optuna.Study, result: dict, dense: list[LayerShape],
 
 def write_report(path: Path, *, study: optuna.Study, result: dict, dense: list[LayerShape],
                  uniform: list[LayerShape]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(render_report(study=study, result=result, dense=dense, uniform=uniform), encoding="utf-8")
-    tmp.replace(path)
+    write_text(path, render_report(study=study, result=result, dense=dense, uniform=uniform))
 
 
 def study_result(study: optuna.Study, *, model: str, dense: list[LayerShape], dims: Dims) -> dict:

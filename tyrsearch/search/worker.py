@@ -1,4 +1,4 @@
-"""Evaluation of planned candidates by any number of workers, in one process or many, sharing a study.
+"""EvaluationModels of planned candidates by any number of workers, in one process or many, sharing a study.
 
 The search queues each generation as WAITING trials whose levels are fixed params. A worker claims one
 (the storage's WAITING -> RUNNING change is atomic, so no candidate is claimed twice), reports its
@@ -250,7 +250,7 @@ class Dispatcher:
         return self._parents[(iteration, generation)]
 
 
-class Evaluation:
+class EvaluationModels:
     """The model side of evaluation: the dense model and reference, each iteration's supernet loaded once
     (by folder), and the parent's hidden states cached once per generation."""
 
@@ -289,7 +289,7 @@ class Worker:
     def __init__(self, *, study: optuna.Study, model: nn.Module, reference: Reference, space: SearchSpace,
                  batch_size: int = 4):
         self.dispatcher = Dispatcher(study=study, space=space, seq_len=reference.batches.shape[1])
-        self.evaluation = Evaluation(model=model, reference=reference, space=space, batch_size=batch_size)
+        self.evaluation = EvaluationModels(model=model, reference=reference, space=space, batch_size=batch_size)
 
     def step(self) -> bool:
         """Evaluate one stage of one candidate. False: nothing to do now."""

@@ -121,7 +121,7 @@ def proportional_counts(experts: list[int], top_k: list[int], keep: int) -> list
     return counts
 
 
-class Frequency(ExpertSelector):
+class FrequencyExperts(ExpertSelector):
     name = "frequency"
 
     def select(self, layers: list[ExpertLayer], keep: int) -> ExpertPlan:
@@ -131,7 +131,7 @@ class Frequency(ExpertSelector):
                            for x, n in zip(layers, counts, strict=True)])
 
 
-class Random(ExpertSelector):
+class RandomExperts(ExpertSelector):
     name = "random"
 
     def __init__(self, *, seed: int = 0):
@@ -242,7 +242,7 @@ def representative(layer: ExpertLayer, members: list[int]) -> int:
     return min(nearest, key=lambda m: (-int(freq[m]), m))
 
 
-class Stun(ExpertSelector):
+class StunExperts(ExpertSelector):
     name = "stun"
 
     def __init__(self, *, router_weight: float = 0.0):
@@ -268,15 +268,15 @@ class Stun(ExpertSelector):
         return ExpertPlan(kept, info={"threshold": threshold})
 
 
-SELECTORS: dict[str, type[ExpertSelector]] = {cls.name: cls for cls in (Stun, Frequency, Random)}
+SELECTORS: dict[str, type[ExpertSelector]] = {cls.name: cls for cls in (StunExperts, FrequencyExperts, RandomExperts)}
 
 
 def make_selector(name: str, *, router_weight: float = 0.0, seed: int = 0) -> ExpertSelector:
     """The expert-selection method called `name` (stun takes `router_weight`, random `seed`)."""
-    if name == Stun.name:
-        return Stun(router_weight=router_weight)
-    if name == Random.name:
-        return Random(seed=seed)
-    if name == Frequency.name:
-        return Frequency()
+    if name == StunExperts.name:
+        return StunExperts(router_weight=router_weight)
+    if name == RandomExperts.name:
+        return RandomExperts(seed=seed)
+    if name == FrequencyExperts.name:
+        return FrequencyExperts()
     raise UserError(f"unknown expert-selection method {name!r}: choose one of {', '.join(SELECTORS)}, none")
