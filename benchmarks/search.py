@@ -26,9 +26,10 @@ from tyrsearch import assets, data, metrics, texts
 from tyrsearch.allocation import sparsity_of
 from tyrsearch.models import adapter_for
 from tyrsearch.pruner import OneShotConfig, one_shot
+from tyrsearch.search import study as schema
 from tyrsearch.search.candidates import CandidateEvaluator
 from tyrsearch.search.driver import Search, SearchConfig, materialize, open_study, params_to_levels, uniform_centre
-from tyrsearch.search.samplers import GENERATION, ITERATION
+from tyrsearch.search.study import GENERATION, ITERATION
 from tyrsearch.space import load_space
 
 NAME = "search"
@@ -43,7 +44,7 @@ def folder_bytes(folder: Path, pattern: str = "*.safetensors") -> int:
 def evaluation_ratio(search: Search, study: optuna.Study, supernet, *, generations: int) -> dict:
     """Replay the last `generations` generations of the last iteration: every candidate evaluated as in the
     search (parent's cached hidden states, nested stages) and as a full forward on the same tokens."""
-    iteration = study.user_attrs[ITERATION]
+    iteration = schema.current_iteration(study)
     layers = len(search.dense)
     trials = [t for t in study.trials if t.system_attrs.get(ITERATION) == iteration
               and t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
@@ -173,7 +174,7 @@ def run(args) -> None:
         pruned = materialize(dense, found)
         # the first iteration's start (the knapsack), materialized from its cached supernet
         first = search.supernet(uniform_centre(search.dense, search.dims, target), search.iteration_space(0))
-        start = first.apply(copy.deepcopy(dense), params_to_levels(study.user_attrs["iteration0"]["start"],
+        start = first.apply(copy.deepcopy(dense), params_to_levels(schema.iteration_record(study, 0).start,
                                                                    len(search.dense)))
         record(key, "knapsack start", start, sparsity_of(adapter.shapes(start), search.dense, search.dims))
         supernet_dirs = sorted((out / "supernets").iterdir(), key=lambda p: p.stat().st_mtime)

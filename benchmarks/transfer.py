@@ -43,9 +43,9 @@ from tyrsearch import assets, data, metrics, texts
 from tyrsearch.allocation import sparsity_of
 from tyrsearch.models import adapter_for
 from tyrsearch.pruner import dims_of
+from tyrsearch.search import study as schema
 from tyrsearch.search.candidates import CandidateEvaluator
 from tyrsearch.search.driver import params_to_levels
-from tyrsearch.search.samplers import ITERATION, VALIDATION
 from tyrsearch.supernet import Supernet
 
 NAME = "transfer"
@@ -100,9 +100,9 @@ def study_of(target: float, row: str) -> optuna.Study:
 
 def knapsack_start(dense, target: float):
     """The default search's first start candidate, cut from its cached first supernet."""
-    record = study_of(target, DEFAULT).user_attrs["iteration0"]
-    levels = params_to_levels(record["start"], len(adapter_for(dense).shapes(dense)))
-    return Supernet.load(record["supernet"]).apply(copy.deepcopy(dense), levels)
+    record = schema.iteration_record(study_of(target, DEFAULT), 0)
+    levels = params_to_levels(record.start, len(adapter_for(dense).shapes(dense)))
+    return Supernet.load(record.supernet).apply(copy.deepcopy(dense), levels)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -144,8 +144,8 @@ def spearman(x: list[float], y: list[float]) -> float:
 
 def sample_trials(study: optuna.Study, count: int) -> list[optuna.trial.FrozenTrial]:
     """`count` distinct complete trials of the last iteration, evenly spread over the fitness ranks."""
-    last = study.user_attrs[ITERATION]
-    complete = sorted((t for t in study.trials if t.system_attrs.get(ITERATION) == last
+    last = schema.current_iteration(study)
+    complete = sorted((t for t in study.trials if schema.iteration_of(t) == last
                        and t.state == optuna.trial.TrialState.COMPLETE), key=lambda t: (t.values[0], t.number))
     unique = list({tuple(sorted(t.params.items())): t for t in reversed(complete)}.values())[::-1]
     unique.sort(key=lambda t: (t.values[0], t.number))
@@ -161,10 +161,10 @@ def candidate_table(dense, study: optuna.Study, domains: dict[str, torch.Tensor]
     which proxy (the fitness, the held-back score, KL on each calibration corpus, their mean or maximum)
     best ranks the candidates by their mean held-out KL."""
     trials = sample_trials(study, count)
-    record = study.user_attrs[f"iteration{study.user_attrs[ITERATION]}"]
-    supernet = Supernet.load(record["supernet"])
+    record = schema.iteration_record(study, schema.current_iteration(study))
+    supernet = Supernet.load(record.supernet)
     layers = len(supernet.grid)
-    rows = [{"trial": t.number, "fitness": t.values[0], "validation": record.get(VALIDATION, {}).get(str(t.number)),
+    rows = [{"trial": t.number, "fitness": t.values[0], "validation": record.validation.get(str(t.number)),
              "attention_free_layers": sum(keep[0] == 0 for keep in t.user_attrs["keeps"]),
              "min_mlp_keep": min(keep[2] for keep in t.user_attrs["keeps"]), "kl": {}} for t in trials]
     for name, batches in {**domains, **calibration}.items():

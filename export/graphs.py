@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
+from tyrsearch.models import adapter_for
+
 
 def kv_heads(model: PreTrainedModel) -> list[int]:
     """Each decoder layer's key/value head count as the model has it (pruned or dense)."""
@@ -27,8 +29,7 @@ def kv_heads(model: PreTrainedModel) -> list[int]:
 
 
 def head_dim(model: PreTrainedModel) -> int:
-    config = model.config
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return adapter_for(model).head_dim(model)
 
 
 def past_names(layers: int) -> list[str]:

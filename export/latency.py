@@ -74,7 +74,8 @@ def model_id(model: PreTrainedModel) -> str:
     """The dense dimensions a table is for (weights do not change latency)."""
     config = model.config
     shape = adapter_for(model).shapes(model)[0]
-    return (f"{base_model_type(config.model_type)} hidden {config.hidden_size} head_dim {config.head_dim} "
+    head_dim = adapter_for(model).head_dim(model)
+    return (f"{base_model_type(config.model_type)} hidden {config.hidden_size} head_dim {head_dim} "
             f"heads {shape.q_heads}/{shape.kv_heads} intermediate {shape.intermediate} "
             f"layers {config.num_hidden_layers} vocab {config.vocab_size}")
 

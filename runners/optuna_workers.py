@@ -20,10 +20,11 @@ from tqdm.auto import tqdm
 
 from tyrsearch.errors import UserError
 from tyrsearch.runners.base import Runner
+from tyrsearch.search import study as schema
 from tyrsearch.search.driver import Search, Winner, join_study
-from tyrsearch.search.job import JOB, Job
+from tyrsearch.search.job import Job
 from tyrsearch.search.storage import HEARTBEAT_S, is_sqlite, open_storage
-from tyrsearch.search.worker import DONE, Backoff, Worker, reference_for
+from tyrsearch.search.worker import Backoff, Worker, reference_for
 
 
 class OptunaRunner(Runner):
@@ -76,7 +77,7 @@ def serve(*, storage_url: str, study_name: str, heartbeat_s: float = HEARTBEAT_S
     while True:  # a worker may start before the search has created its study
         try:
             study, space = join_study(storage=storage, study_name=study_name)
-            if JOB in study.user_attrs:
+            if schema.job(study) is not None:
                 break
         except UserError:
             if time.monotonic() >= deadline:
@@ -84,14 +85,14 @@ def serve(*, storage_url: str, study_name: str, heartbeat_s: float = HEARTBEAT_S
         if time.monotonic() >= deadline:
             raise UserError(f"study {study_name!r} has no job to work on: it was not started by `tyrsearch search`")
         time.sleep(0.5)
-    job = Job(**study.user_attrs[JOB])
+    job = Job(**schema.job(study))
     model, _, batches = job.load(space)
     reference = reference_for(model, batches.fitness, space, batch_size=job.batch_size)
     worker = Worker(study=study, model=model, reference=reference, space=space, batch_size=job.batch_size)
     tic, stages, backoff = time.perf_counter(), 0, Backoff()
     with tqdm(desc=f"worker on {study_name}", unit="stage", disable=not progress) as bar:
         try:
-            while not study.user_attrs.get(DONE):
+            while not schema.is_done(study):
                 if worker.step():
                     stages += 1
                     bar.update()

@@ -37,8 +37,9 @@ from ray.util.queue import Queue
 from tyrsearch.errors import UserError
 from tyrsearch.runners import ray_trial
 from tyrsearch.runners.base import Runner
+from tyrsearch.search import study as schema
 from tyrsearch.search.driver import Search, Winner
-from tyrsearch.search.job import JOB, Job
+from tyrsearch.search.job import Job
 from tyrsearch.search.worker import Backoff, Dispatcher, EvaluationModels, Task, reference_for, worker_name
 from tyrsearch.space import parse_space
 
@@ -161,7 +162,7 @@ class RayRunner(Runner):
         # the CPUs are reserved by the Tune trial that has an Evaluator busy, not by the idle Evaluator; the
         # handles stay referenced here for the whole run (a handle only in the queue lets Ray collect it)
         pool = [Evaluator.options(num_cpus=0, max_restarts=MAX_FAILURES, max_task_retries=MAX_FAILURES).remote(
-            study.user_attrs[JOB], study.user_attrs["settings"]["space"], self.threads) for _ in range(self.workers)]
+            schema.job(study), schema.settings(study)["space"], self.threads) for _ in range(self.workers)]
         evaluators = Queue()
         for evaluator in pool:
             evaluators.put(evaluator)

@@ -10,6 +10,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import tyrsearch
 from tests.conftest import run_cli, search_args
+from tests.test_moe_models import MOE_FAMILIES
+from tyrsearch.models import adapter_for
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -73,3 +75,27 @@ def test_the_readme_python_example_runs(tmp_path, monkeypatch, capsys):
     before, after = map(float, re.search(r"code ppl ([\d.]+) -> ([\d.]+)", printed).groups())
     assert 1 < before < after  # the pruned model is worse than the dense one, not broken
     assert (tmp_path / "runs" / "owl-0.3" / "config.json").exists()
+
+
+MOE_SPACE = ("family: moe\nunits:\n  experts: {min_keep: 2, step: 1}\nlevels: 1\niterations: 1\ngenerations: 2\n"
+             "offspring: 4\nselection:\n  - {survivors: 4, tokens: 32}\n  - {survivors: 1, tokens: 64}\n"
+             "fitness: {metric: kl, top_k: 16}\n")
+
+
+@pytest.mark.parametrize("family", sorted(MOE_FAMILIES))
+def test_search_runs_on_every_moe_family_whatever_its_config_says_of_head_dim(family, smollm2_folder, text_file,
+                                                                            tmp_path):
+    """Mixtral's head_dim is None, Qwen2-MoE's and OLMoE's configs have none: the adapter supplies it."""
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_folder)
+    model = MOE_FAMILIES[family](vocab=len(tokenizer))
+    assert getattr(model.config, "head_dim", None) is None
+    experts = sum(shape.experts for shape in adapter_for(model).shapes(model))
+    space = tmp_path / "moe.yaml"
+    space.write_text(MOE_SPACE)
+    found = tyrsearch.search(model, tokenizer=tokenizer, target=0.2, out=tmp_path / "run", space=space,
+                             criterion="stun", calib=str(text_file), calib_seqs=4, seq_len=32,
+                             supernet_dir=tmp_path / "nets", progress=False)
+    assert sum(layer.get("num_experts", 0) for layer in found.layers) < experts
+    assert found.achieved_sparsity == pytest.approx(0.2, abs=0.08)
+    reloaded = AutoModelForCausalLM.from_pretrained(found.out / "model")
+    assert sum(p.numel() for p in reloaded.parameters()) == found.to_json()["params_after"]

@@ -61,7 +61,7 @@ def test_latency_offspring_trade_any_two_blocks_within_the_band():
         cost[param_name(layer, MLP)] = [TABLE.mlp(DENSE[0].with_units(MLP, k)) for k in keeps["mlp"]]
     parent = {name: 0 for name in cost}
     total = sum(levels[1] for levels in cost.values())
-    grid = _Grid({"levels": 1, "grid": [{Q_HEADS: keeps["q"], MLP: keeps["mlp"]}] * 4, "cost": cost,
+    grid = _Grid(**{"levels": 1, "grid": [{Q_HEADS: keeps["q"], MLP: keeps["mlp"]}] * 4, "cost": cost,
                   "band": [total - 0.15, total + 0.05]})
     children = EvolutionSampler(offspring=16, seed=0).offspring_of(
         {name: 0 for name in cost}, grid, set(), np.random.default_rng(0))

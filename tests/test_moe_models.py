@@ -32,27 +32,28 @@ HIDDEN, HEAD_DIM = 64, 16
 COMMON = {"vocab_size": VOCAB, "hidden_size": HIDDEN, "num_attention_heads": 4, "initializer_range": 0.1}
 
 
-def tiny_mixtral() -> MixtralForCausalLM:
+def tiny_mixtral(*, vocab: int = VOCAB) -> MixtralForCausalLM:
     """Softmax over all experts, top-2, renormalised over the two."""
     torch.manual_seed(0)
-    config = MixtralConfig(**COMMON, intermediate_size=32, num_hidden_layers=2, num_key_value_heads=2,
+    config = MixtralConfig(**{**COMMON, "vocab_size": vocab}, intermediate_size=32, num_hidden_layers=2,
+                           num_key_value_heads=2,
                            num_local_experts=6, num_experts_per_tok=2)
     return MixtralForCausalLM(config).eval()
 
 
-def tiny_qwen2_moe() -> Qwen2MoeForCausalLM:
+def tiny_qwen2_moe(*, vocab: int = VOCAB) -> Qwen2MoeForCausalLM:
     """A shared expert beside the routed ones, top-2 not renormalised, layer 1 a dense MLP."""
     torch.manual_seed(0)
-    config = Qwen2MoeConfig(**COMMON, intermediate_size=80, moe_intermediate_size=32,
+    config = Qwen2MoeConfig(**{**COMMON, "vocab_size": vocab}, intermediate_size=80, moe_intermediate_size=32,
                             shared_expert_intermediate_size=48, num_hidden_layers=3, mlp_only_layers=[1],
                             num_key_value_heads=2, num_experts=8, num_experts_per_tok=2, norm_topk_prob=False)
     return Qwen2MoeForCausalLM(config).eval()
 
 
-def tiny_olmoe() -> OlmoeForCausalLM:
+def tiny_olmoe(*, vocab: int = VOCAB) -> OlmoeForCausalLM:
     """q_norm / k_norm over all heads, top-2 renormalised."""
     torch.manual_seed(0)
-    config = OlmoeConfig(**COMMON, intermediate_size=32, num_hidden_layers=2, num_experts=8,
+    config = OlmoeConfig(**{**COMMON, "vocab_size": vocab}, intermediate_size=32, num_hidden_layers=2, num_experts=8,
                          num_experts_per_tok=2, norm_topk_prob=True, eos_token_id=None)
     return OlmoeForCausalLM(config).eval()
 

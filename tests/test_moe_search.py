@@ -13,6 +13,7 @@ from tyrsearch.local import make_criterion
 from tyrsearch.materialize import save_pruned
 from tyrsearch.models import EXPERTS, adapter_for
 from tyrsearch.moe.experts import ExpertLayer, clusters_after, complete_linkage, expert_distance, representative
+from tyrsearch.search import study as schema
 from tyrsearch.search.driver import Search, SearchConfig, materialize, open_study
 from tyrsearch.space import Fitness, SearchSpace, Stage, UnitSpace, load_space
 from tyrsearch.supernet import build_supernet
@@ -79,7 +80,7 @@ def test_expert_count_search_keeps_the_global_count_and_saves_a_reloadable_model
                     space=SPACE, config=config, study=study, supernet_dir=tmp_path / "nets", progress=False)
     result = search.run()
     moe_layers = [i for i, s in enumerate(search.dense) if s.experts]
-    start = json.loads(json.dumps(study.user_attrs["iteration0"]["start"]))
+    start = json.loads(json.dumps(schema.iteration_record(study, 0).start))
     counts = {t.number: sum(t.user_attrs["experts"]) for t in study.trials}
     total = sum(result.supernet.keep(i, EXPERTS, start[f"L{i:02d}.{EXPERTS}"]) for i in moe_layers)
     assert set(counts.values()) == {total}  # every candidate keeps the same number of experts

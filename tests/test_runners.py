@@ -19,7 +19,7 @@ import pytest
 from optuna.trial import TrialState
 
 from tests.conftest import run_cli, search_args, space_file
-from tyrsearch.search.samplers import GENERATION, INDEX, ITERATION
+from tyrsearch.search.study import GENERATION, INDEX, ITERATION
 
 SPACE = ("family: llama\nunits:\n  q_heads: {min_keep: 0, step: 1}\n  mlp: {min_keep: 8, step: 8}\n"
          "levels: 2\niterations: 2\ngenerations: 3\noffspring: 4\n"

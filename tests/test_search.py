@@ -16,10 +16,12 @@ from tyrsearch.errors import UserError
 from tyrsearch.local import make_criterion
 from tyrsearch.models import MLP, Q_HEADS, adapter_for
 from tyrsearch.search import driver
+from tyrsearch.search import study as schema
 from tyrsearch.search.candidates import CandidateEvaluator
 from tyrsearch.search.driver import Search, SearchConfig, open_study
-from tyrsearch.search.samplers import GENERATION, ITERATION, EvolutionSampler, _Grid, param_name, repair
+from tyrsearch.search.samplers import EvolutionSampler, _Grid, param_name, repair
 from tyrsearch.search.selection import SelectionPruner
+from tyrsearch.search.study import GENERATION, ITERATION
 from tyrsearch.space import Fitness, SearchSpace, Stage, UnitSpace, Validation
 from tyrsearch.supernet import Supernet, build_supernet
 
@@ -76,7 +78,7 @@ def test_fitness_on_more_sequences_extends_the_known_score():
 
 def _grid():
     """A grid with clipped levels at both ends: layer 0 keeps 3..0 heads, layer 2's MLP hits min_keep."""
-    return _Grid({"levels": 2, "grid": [
+    return _Grid(**{"levels": 2, "grid": [
         {Q_HEADS: [3, 3, 2, 1, 0], MLP: [56, 48, 40, 32, 24]},
         {Q_HEADS: [3, 2, 1, 0, 0], MLP: [48, 40, 32, 24, 16]},
         {Q_HEADS: [3, 3, 3, 2, 1], MLP: [20, 12, 4, 4, 4]},
@@ -148,9 +150,9 @@ def test_search_keeps_the_budget_and_is_deterministic(tmp_path):
     assert [t.params for t in trials] == [t.params for t in again.study.trials]
     # every candidate of an iteration keeps the start's unit counts; the winner is the best complete trial
     for k in range(SPACE.iterations):
-        record = first.study.user_attrs[f"iteration{k}"]
-        grid = _Grid(record)
-        totals = grid.totals(record["start"])
+        record = schema.iteration_record(first.study, k)
+        grid = _Grid.of(record)
+        totals = grid.totals(record.start)
         ours = [t for t in trials if t.system_attrs[ITERATION] == k]
         assert all(grid.totals(t.params) == totals for t in ours)
         assert len({t.user_attrs["params"] for t in ours}) == 1  # the exact same parameter count
@@ -204,9 +206,9 @@ def test_tpe_and_cmaes_keep_the_budget_too(tmp_path, strategy):
     space = SearchSpace(**{**SPACE.__dict__, "iterations": 1, "generations": 2})
     search = _search(tmp_path, strategy=strategy, space=space)
     search.run()
-    record = search.study.user_attrs["iteration0"]
-    grid = _Grid(record)
-    assert all(grid.totals(t.params) == grid.totals(record["start"]) for t in search.study.trials)
+    record = schema.iteration_record(search.study, 0)
+    grid = _Grid.of(record)
+    assert all(grid.totals(t.params) == grid.totals(record.start) for t in search.study.trials)
 
 
 def test_settings_must_match_to_resume_and_unreachable_targets_are_refused(tmp_path):
@@ -236,7 +238,7 @@ def test_a_corrupt_cached_supernet_is_rebuilt_or_refused(tmp_path):
 
 
 def test_an_exhausted_neighbourhood_gives_fewer_offspring_and_then_none():
-    grid = _Grid({"levels": 1, "grid": [{MLP: [24, 16, 8]}, {MLP: [24, 16, 8]}]})
+    grid = _Grid(**{"levels": 1, "grid": [{MLP: [24, 16, 8]}, {MLP: [24, 16, 8]}]})
     parent = {param_name(0, MLP): 0, param_name(1, MLP): 0}
     sampler = EvolutionSampler(offspring=8, seed=0)
     children = sampler.offspring_of(parent, grid, set(), np.random.default_rng(0))

@@ -22,7 +22,7 @@ from tyrsearch.models import ATTENTION_UNITS, MLP, Q_HEADS, FamilyAdapter, KeptU
 
 
 def dims_of(model: nn.Module) -> allocation.Dims:
-    return allocation.Dims(hidden=model.config.hidden_size, head_dim=model.config.head_dim)
+    return adapter_for(model).dims(model)
 
 
 def check_plan(plan: list[LayerShape], dense: list[LayerShape], adapter: FamilyAdapter) -> None:

@@ -22,12 +22,15 @@ head_dim is never cut (RoPE rotates whole heads).
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import nn
 
 from tyrsearch.modeling import SkippedAttention, SkippedMLP, reshape_layer
+
+if TYPE_CHECKING:
+    from tyrsearch.allocation import Dims
 
 KV_GROUPS = "kv_groups"
 Q_HEADS = "q_heads"
@@ -128,7 +131,16 @@ class FamilyAdapter:
         return model.model.layers
 
     def head_dim(self, model: nn.Module) -> int:
-        return model.config.head_dim
+        """Channels per attention head: the config's, or hidden / heads where it has none (Qwen2-MoE,
+        OLMoE) or None (Mixtral)."""
+        config = model.config
+        return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+    def dims(self, model: nn.Module) -> Dims:
+        """The dense dimensions a layer's parameter count needs."""
+        from tyrsearch.allocation import Dims  # allocation builds on the layer shapes defined here
+
+        return Dims(hidden=model.config.hidden_size, head_dim=self.head_dim(model))
 
     def logits(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         """Next-token logits [b, L, V] from the last decoder layer's output [b, L, hidden]."""

@@ -47,10 +47,6 @@ class MoEAdapter(LlamaAdapter):
     not_prunable = {MLP: "MoE experts keep their intermediate channels: prune whole experts instead"}
     search_space = "moe"  # per-layer expert counts (STUN picks the experts of each count)
 
-    def head_dim(self, model: nn.Module) -> int:
-        config = model.config  # Qwen2-MoE and OLMoE configs have no head_dim; Mixtral's may be None
-        return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
     def shape(self, layer: nn.Module) -> LayerShape:
         if not is_moe_block(layer.mlp):  # a dense layer (Qwen2-MoE's mlp_only_layers)
             return super().shape(layer)

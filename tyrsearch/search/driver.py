@@ -36,13 +36,10 @@ from tyrsearch.budget import LATENCY_BAND, Budget, FlopsBudget, LatencyTable, Pa
 from tyrsearch.errors import ParameterError, UserError, mention
 from tyrsearch.local import make_criterion
 from tyrsearch.models import ATTENTION_UNITS, LayerShape, adapter_for
+from tyrsearch.search import study as schema
 from tyrsearch.search.candidates import CandidateEvaluator, Levels
 from tyrsearch.search.knapsack import knapsack_levels
 from tyrsearch.search.samplers import (
-    GENERATION,
-    INDEX,
-    ITERATION,
-    VALIDATION,
     best_trial,
     iteration_trials,
     make_sampler,
@@ -51,8 +48,6 @@ from tyrsearch.search.samplers import (
 from tyrsearch.search.selection import SelectionPruner
 from tyrsearch.search.storage import load_study
 from tyrsearch.search.worker import (
-    DONE,
-    FIXED,
     OBJECTIVES,
     Backoff,
     Worker,
@@ -192,7 +187,7 @@ class Search:
         self.study, self.supernet_dir, self.progress = study, Path(supernet_dir), progress
         self.adapter = adapter_for(model)
         self.dense = self.adapter.shapes(model)
-        self.dims = allocation.Dims(hidden=model.config.hidden_size, head_dim=self.adapter.head_dim(model))
+        self.dims = self.adapter.dims(model)
         self.budget, self.latency = budget or ParamsBudget(dims=self.dims), latency
         if "latency" in config.objectives and latency is None:
             raise ValueError("a latency objective needs a latency table")
@@ -265,7 +260,7 @@ class Search:
         in-process Worker evaluates, and this process owns the study: trials left running by a killed
         earlier run are retried at once instead of when their heartbeat goes stale."""
         tic = time.perf_counter()
-        self.study.set_user_attr(DONE, False)
+        schema.set_done(self.study, False)
         local = None
         if work is None:
             self.retry_running()
@@ -281,20 +276,20 @@ class Search:
                 self._supernet = supernet
                 if local is not None:
                     local.evaluation.supernets[folder] = supernet
-                record = self.study.user_attrs.get(f"iteration{k}")
+                record = schema.iteration_record(self.study, k)
                 if record is None:
                     zero = [{unit: 0 for unit in units} for units in supernet.grid]
                     start = self.knapsack_start(supernet) if k == 0 and self.config.start == "knapsack" else zero
-                    record = {"grid": supernet.grid, "levels": supernet.levels, "start": levels_to_params(start),
-                              "steps": {u: s.step for u, s in space.units.items()}, "cost": self._costs(supernet)}
+                    record = schema.IterationRecord(
+                        grid=supernet.grid, levels=supernet.levels, start=levels_to_params(start),
+                        steps={u: s.step for u, s in space.units.items()}, cost=self._costs(supernet))
                     if not self.budget.exact:
-                        record["band"] = self._band(supernet, record)
-                elif record["grid"] != supernet.grid:
+                        record = replace(record, band=self._band(supernet, record))
+                elif record.grid != supernet.grid:
                     raise UserError(f"study {self.study.study_name!r} was searched with another grid in iteration "
                                     f"{k}; resume with the same model, space, target and calibration, or start a "
                                     "new study")
-                self.study.set_user_attr(f"iteration{k}", {**record, "supernet": folder})  # workers load it there
-                self.study.set_user_attr(ITERATION, k)
+                schema.start_iteration(self.study, k, replace(record, supernet=folder))  # workers load it there
                 winner = self._iterate(k, work)
                 trials = iteration_trials(self.study, k)
                 scores = self._validate(k, supernet) if self.validation is not None else {}
@@ -302,16 +297,16 @@ class Search:
                     number = min(scores, key=lambda n: (scores[n], n))
                     winner = next(t for t in trials if t.number == number)
                 levels = params_to_levels(winner.params, len(self.dense))
-                summary.append({"iteration": k, "steps": record["steps"], "start_fitness": self._start_fitness(k),
+                summary.append({"iteration": k, "steps": record.steps, "start_fitness": self._start_fitness(k),
                                 "fitness": winner.values[0], "trial": winner.number,
-                                **({VALIDATION: [{"trial": n, "validation": v} for n, v in scores.items()]}
+                                **({"validation": [{"trial": n, "validation": v} for n, v in scores.items()]}
                                    if scores else {}),
                                 "evaluation_seconds": sum(t.user_attrs.get("seconds", 0.0) for t in trials)})
                 centre = shapes_of(supernet, levels, self.dense)
         finally:
             if local is not None:
                 local.close()
-        self.study.set_user_attr(DONE, True)
+        schema.set_done(self.study, True)
         self.times["search"] = time.perf_counter() - tic - self.times["supernet"] - self.times["sensitivity"]
         return Winner(levels=params_to_levels(winner.params, len(self.dense)), supernet=supernet,
                             fitness=winner.values[0], iterations=summary, times_s=dict(self.times))
@@ -329,8 +324,8 @@ class Search:
             if key not in seen:
                 seen.add(key)
                 ranked.append(trial)
-        record = self.study.user_attrs[f"iteration{k}"]
-        known = {int(number): value for number, value in record.get(VALIDATION, {}).items()}
+        record = schema.iteration_record(self.study, k)
+        known = {int(number): value for number, value in record.validation.items()}
         evaluator = None
         for trial in ranked[:self.space.validation.candidates]:
             if trial.number not in known:
@@ -340,7 +335,7 @@ class Search:
                 known[trial.number] = evaluator.fitness(params_to_levels(trial.params, len(self.dense)),
                                                         evaluator.sequences)
         scores = {t.number: known[t.number] for t in ranked[:self.space.validation.candidates]}
-        self.study.set_user_attr(f"iteration{k}", {**record, VALIDATION: {str(n): v for n, v in scores.items()}})
+        schema.set_iteration_record(self.study, k, replace(record, validation={str(n): v for n, v in scores.items()}))
         return scores
 
     def retry_running(self) -> None:
@@ -360,13 +355,13 @@ class Search:
                                                 for keep in keeps]
         return costs
 
-    def _band(self, supernet: Supernet, record: dict) -> list[float]:
+    def _band(self, supernet: Supernet, record: schema.IterationRecord) -> list[float]:
         """[lowest, highest] summed block prices a candidate may have: (1 - LATENCY_BAND) of the limit up to
         the limit, widened down to the start candidate where that is cheaper."""
         def summed(params: dict[str, int]) -> float:
-            return sum(record["cost"][name][level + supernet.levels] for name, level in params.items())
+            return sum(record.cost[name][level + supernet.levels] for name, level in params.items())
 
-        start = record["start"]
+        start = record.start
         offset = self.budget.total(shapes_of(supernet, params_to_levels(start, len(self.dense)), self.dense)) \
             - summed(start)  # what the searched blocks' prices leave out (fixed part, unsearched blocks)
         upper = self.limit - offset
@@ -378,7 +373,7 @@ class Search:
         return replace(self.space, units=units)
 
     def _start_fitness(self, k: int) -> float:
-        trials = [t for t in iteration_trials(self.study, k) if t.system_attrs.get(GENERATION) == 0]
+        trials = [t for t in iteration_trials(self.study, k) if schema.generation_of(t) == 0]
         return trials[0].values[0] if trials else float("nan")
 
     def _iterate(self, k: int, work: Callable[[], bool]) -> optuna.trial.FrozenTrial:
@@ -405,23 +400,22 @@ class Search:
         """Queue the generation's candidates as WAITING trials with fixed params; returns its size. A plan
         left half-made by a killed process is completed (the sampler proposes the same candidates)."""
         planned = [t for t in self.study.get_trials(deepcopy=False)
-                   if t.system_attrs.get(ITERATION) == k and t.system_attrs.get(GENERATION) == generation]
-        size = len({t.system_attrs[INDEX] for t in planned})
+                   if schema.iteration_of(t) == k and schema.generation_of(t) == generation]
+        size = len({schema.place(t).index for t in planned})
         if not planned:
             size = self.study.sampler.generation_size(self.study, generation)
             for index in range(size):
-                self.study.add_trial(optuna.trial.create_trial(
-                    state=TrialState.WAITING, system_attrs={ITERATION: k, GENERATION: generation, INDEX: index}))
+                schema.add_planned_trial(self.study, schema.Place(k, generation, index))
             planned = generation_trials(self.study, k, generation)
         for trial in sorted(planned, key=lambda t: t.number):
-            if trial.state == TrialState.WAITING and FIXED not in trial.system_attrs:
-                params = self.study.sampler.plan(self.study, self.study._storage.get_trial(trial._trial_id))
+            if trial.state == TrialState.WAITING and schema.planned_params(trial) is None:
+                params = self.study.sampler.plan(self.study, schema.fresh(self.study, schema.trial_id(trial)))
                 self._describe(trial, params)
-                self.study._storage.set_trial_system_attr(trial._trial_id, FIXED, params)  # now claimable
+                schema.set_planned_params(self.study, trial, params)  # now claimable
         return size
 
     def _finished(self, k: int, generation: int, size: int) -> bool:
-        done = {t.system_attrs[INDEX] for t in generation_trials(self.study, k, generation)
+        done = {schema.place(t).index for t in generation_trials(self.study, k, generation)
                 if t.state in (TrialState.COMPLETE, TrialState.PRUNED)}
         return len(done) == size
 
@@ -430,7 +424,8 @@ class Search:
         FLOPs per token (lm_head included), estimated latency where a table is given, and whether it is
         within the budget (the worker adds the stage, its tokens and the seconds spent)."""
         shapes = shapes_of(self._supernet, params_to_levels(params, len(self.dense)), self.dense)
-        attrs = {"iteration": trial.system_attrs[ITERATION], "generation": trial.system_attrs[GENERATION],
+        where = schema.place(trial)
+        attrs = {"iteration": where.iteration, "generation": where.generation,
                  "keeps": [[s.q_heads, s.kv_heads, s.intermediate] for s in shapes],
                  "params": sum(map(self.dims.params, shapes)),
                  "sparsity": allocation.sparsity_of(shapes, self.dense, self.dims),
@@ -441,7 +436,7 @@ class Search:
         if self.latency is not None:
             attrs["latency_ms"] = self.latency.estimate(shapes)
         for key, value in attrs.items():
-            self.study._storage.set_trial_user_attr(trial._trial_id, key, value)
+            schema.set_trial_user_attr(self.study, trial, key, value)
 
 
 def materialize(model: nn.Module, result: Winner) -> nn.Module:
@@ -471,9 +466,9 @@ def open_study(*, storage: str | optuna.storages.BaseStorage, study_name: str, s
     except optuna.exceptions.DuplicatedStudyError:
         raise ParameterError("study_name", f"{study_name!r} already exists in {storage}: pass {mention('resume')} "
                                            f"to continue it or choose another {mention('study_name')}") from None
-    known = study.user_attrs.get("settings")
+    known = schema.settings(study)
     if known is None:
-        study.set_user_attr("settings", settings)
+        schema.set_settings(study, settings)
         study.set_metric_names([OBJECTIVES[name] or space.fitness.metric for name in config.objectives])
     elif known != settings:
         changed = sorted(k for k in settings if settings[k] != known.get(k))
@@ -484,7 +479,7 @@ def open_study(*, storage: str | optuna.storages.BaseStorage, study_name: str, s
 
 def join_study(*, storage: optuna.storages.BaseStorage, study_name: str) -> tuple[optuna.Study, SearchSpace]:
     """A running search's study, opened with the search's own sampler and pruner (what a worker needs)."""
-    settings = load_study(storage, study_name).user_attrs.get("settings")
+    settings = schema.settings(load_study(storage, study_name))
     if settings is None:
         raise ParameterError("study_name", f"{study_name!r} is not a tyrsearch search; give the study of a search")
     space = parse_space(settings["space"], source=f"study {study_name!r}")

@@ -12,8 +12,6 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from tyrsearch import assets, data, texts
 from tyrsearch.space import SearchSpace
 
-JOB = "tyr:job"
-
 
 @dataclass(frozen=True)
 class Job:

@@ -131,7 +131,7 @@ def knapsack_prune(model: nn.Module, criterion: Criterion, batches: torch.Tensor
     allocation.check_sparsity(sparsity)
     adapter = adapter_for(model)
     dense = adapter.shapes(model)
-    dims = allocation.Dims(hidden=model.config.hidden_size, head_dim=adapter.head_dim(model))
+    dims = adapter.dims(model)
     start = time.perf_counter()
     centre = allocation.uniform(dense, sparsity=sparsity, dims=dims)
     supernet = build_supernet(model, criterion, batches, space=space, centre=centre, progress=progress)

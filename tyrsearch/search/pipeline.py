@@ -85,8 +85,8 @@ def check_request(request: SearchRequest, model_name: str) -> Checked:
         raise ParameterError("strategy", f"nsga2 searches several {mention('objectives')} (e.g. kl,latency) and "
                                          "they need it: give both or neither")
     if request.runner == "ray" and len(goals) > 1:
-        raise ParameterError("objectives", f"with several run with {mention('runner')} local or optuna (Ray Tune's "
-                                           "OptunaSearch here reports one metric)")
+        raise ParameterError("objectives", f"{request.objectives!r}: several objectives run with {mention('runner')} "
+                                           "local or optuna (Ray Tune's OptunaSearch here reports one metric)")
     if request.start not in STARTS:
         raise ParameterError("start", f"{request.start!r} is unknown: choose one of {', '.join(STARTS)}")
     space = load_space(str(request.space)) if request.space else None
@@ -145,8 +145,8 @@ def _prepare(loaded, request: SearchRequest, checked: Checked, job, store, *, pr
     from tyrsearch.budget import make_budget
     from tyrsearch.models import adapter_for
     from tyrsearch.pruner import dims_of
+    from tyrsearch.search import study as schema
     from tyrsearch.search.driver import Search, SearchConfig, check_reachable, objective_space, open_study
-    from tyrsearch.search.job import JOB
     from tyrsearch.search.storage import open_storage
     from tyrsearch.space import load_space
 
@@ -170,11 +170,11 @@ def _prepare(loaded, request: SearchRequest, checked: Checked, job, store, *, pr
     store = store or open_storage(request.storage_url, heartbeat_s=request.heartbeat)  # SQLite lives in out
     study = open_study(storage=store, study_name=checked.study_name, space=space, config=config,
                        resume=request.resume)
-    if study.user_attrs.get(JOB, job.to_dict()) != job.to_dict():
+    if (schema.job(study) or job.to_dict()) != job.to_dict():
         raise ParameterError("study_name", f"{checked.study_name!r} searches another model or calibration: resume "
                              f"with the same model, {mention('calib')}, {mention('calib_seqs')}, "
                              f"{mention('seq_len')} and {mention('seed')}, or choose another study")
-    study.set_user_attr(JOB, job.to_dict())
+    schema.set_job(study, job.to_dict())
     batches = job.batches(loaded.tokenizer, space)
     return Search(model=model, calibration=batches.calibration, fitness_batches=batches.fitness,
                   validation_batches=batches.validation, space=space, config=config, study=study,
@@ -230,10 +230,11 @@ def _write(out: Path, search, figures: dict) -> None:
     """result.json, the same figures in the study (`tyrsearch report` renders from the study alone) and
     report.html."""
     from tyrsearch.atomic import write_json
+    from tyrsearch.search import study as schema
     from tyrsearch.search.driver import uniform_centre
-    from tyrsearch.search.report import RESULT, write_report
+    from tyrsearch.search.report import write_report
 
     write_json(out / "result.json", figures)
-    search.study.set_user_attr(RESULT, figures)
+    schema.set_result(search.study, figures)
     write_report(out / "report.html", study=search.study, result=figures, dense=search.dense,
                  uniform=uniform_centre(search.dense, search.dims, figures["achieved_sparsity"]))

@@ -14,9 +14,8 @@ from tyrsearch.allocation import Dims
 from tyrsearch.atomic import write_text
 from tyrsearch.errors import UserError
 from tyrsearch.models import LayerShape
-from tyrsearch.search.samplers import GENERATION, ITERATION, VALIDATION, best_trial, iteration_trials
-
-RESULT = "tyr:result"  # study user attr: the finished search's result.json
+from tyrsearch.search import study as schema
+from tyrsearch.search.samplers import best_trial, iteration_trials
 
 WIDTH, HEIGHT, PAD = 720, 220, 40
 
@@ -25,7 +24,7 @@ def fitness_curve(study: optuna.Study) -> list[tuple[int, int, float]]:
     """(iteration, generation, best complete fitness so far in the iteration) per generation."""
     best: dict[tuple[int, int], float] = {}
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        key = (t.system_attrs[ITERATION], t.system_attrs[GENERATION])
+        key = (schema.iteration_of(t), schema.generation_of(t))
         best[key] = min(best.get(key, float("inf")), t.values[0])
     curve, running = [], {}
     for iteration, generation in sorted(best):
@@ -58,7 +57,7 @@ def _line_svg(points: list[tuple[int, int, float]]) -> str:
 def pareto_front(study: optuna.Study, objectives: tuple[str, ...] | list[str]) -> list[dict]:
     """The study's Pareto-optimal trials (quality vs cost), cheapest first."""
     front = sorted(study.best_trials, key=lambda t: (t.values[1], t.values[0]))
-    return [{"trial": t.number, "iteration": t.system_attrs[ITERATION], objectives[0]: t.values[0],
+    return [{"trial": t.number, "iteration": schema.iteration_of(t), objectives[0]: t.values[0],
              objectives[1]: t.values[1], "sparsity": t.user_attrs["sparsity"],
              "within_budget": t.user_attrs.get("within_budget", True)} for t in front]
 
@@ -148,22 +147,22 @@ def write_report(path: Path, *, study: optuna.Study, result: dict, dense: list[L
 def study_result(study: optuna.Study, *, model: str, dense: list[LayerShape], dims: Dims) -> dict:
     """What a finished search's result.json says, read from its study alone: the search's own result once
     it has finished, else the best candidate so far."""
-    if RESULT in study.user_attrs:
-        return study.user_attrs[RESULT]
-    settings, iterations = study.user_attrs["settings"], []
+    if schema.result(study) is not None:
+        return schema.result(study)
+    settings, iterations = schema.settings(study), []
     best = None
     for k in range(settings["space"]["iterations"]):
-        record = study.user_attrs.get(f"iteration{k}")
+        record = schema.iteration_record(study, k)
         trials = iteration_trials(study, k)
         winner = best_trial(trials)
         if record is None or winner is None:
             break
-        scores = record.get(VALIDATION)
+        scores = record.validation
         if scores:  # the iteration has ended: its winner is the best on the held-back tokens
             number = min(scores, key=lambda n: (scores[n], int(n)))
             winner = next(t for t in trials if t.number == int(number))
-        start = next((t.values[0] for t in trials if t.system_attrs[GENERATION] == 0 and t.values), math.nan)
-        iterations.append({"iteration": k, "steps": record["steps"], "start_fitness": start,
+        start = next((t.values[0] for t in trials if schema.generation_of(t) == 0 and t.values), math.nan)
+        iterations.append({"iteration": k, "steps": record.steps, "start_fitness": start,
                            "fitness": winner.values[0]})
         best = winner
     if best is None:
@@ -187,13 +186,13 @@ def study_report(storage: optuna.storages.BaseStorage, study_name: str) -> str:
     from tyrsearch.models import adapter_for
     from tyrsearch.pruner import dims_of
     from tyrsearch.search.driver import uniform_centre
-    from tyrsearch.search.job import JOB, Job
+    from tyrsearch.search.job import Job
     from tyrsearch.search.storage import load_study
 
     study = load_study(storage, study_name)
-    if JOB not in study.user_attrs:
+    if schema.job(study) is None:
         raise UserError(f"study {study_name!r} is not a tyrsearch search; give the --study of a search")
-    job = Job(**study.user_attrs[JOB])
+    job = Job(**schema.job(study))
     model, _ = assets.load_model(job.model)
     dense, dims = adapter_for(model).shapes(model), dims_of(model)
     result = study_result(study, model=job.model, dense=dense, dims=dims)

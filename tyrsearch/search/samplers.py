@@ -20,6 +20,7 @@ candidate alone, then generations of up to `offspring` trials each.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import optuna
@@ -28,10 +29,8 @@ from optuna.samplers import BaseSampler
 from optuna.study import Study
 from optuna.trial import FrozenTrial, TrialState
 
-ITERATION = "tyr:iteration"
-GENERATION = "tyr:generation"
-INDEX = "tyr:index"
-VALIDATION = "validation"  # in an iteration's record: {trial number: fitness on the held-back sequences}
+from tyrsearch.search import study as schema
+
 STRATEGIES = ("evolution", "tpe", "cmaes", "nsga2")
 
 
@@ -44,16 +43,23 @@ def parse_param(name: str) -> tuple[int, str]:
     return int(layer), unit
 
 
-def iteration_info(study: Study) -> dict:
-    """The current iteration's record: {"iteration", "grid", "levels", "start"} (set by the search)."""
-    iteration = study.user_attrs[ITERATION]
-    return {"iteration": iteration, **study.user_attrs[f"iteration{iteration}"]}
+@dataclass(frozen=True)
+class Current:
+    """The iteration being searched and its record (set by the search)."""
+
+    iteration: int
+    record: schema.IterationRecord
+
+
+def iteration_info(study: Study) -> Current:
+    iteration = schema.current_iteration(study)
+    return Current(iteration, schema.iteration_record(study, iteration))
 
 
 def iteration_trials(study: Study, iteration: int) -> list[FrozenTrial]:
     """The iteration's trials that count (not failed), by number."""
     return [t for t in study.get_trials(deepcopy=False)
-            if t.system_attrs.get(ITERATION) == iteration and t.state != TrialState.FAIL]
+            if schema.iteration_of(t) == iteration and t.state != TrialState.FAIL]
 
 
 def best_trial(trials: Sequence[FrozenTrial]) -> FrozenTrial | None:
@@ -67,18 +73,23 @@ def best_trial(trials: Sequence[FrozenTrial]) -> FrozenTrial | None:
 class _Grid:
     """Units kept per (param, level) of one iteration, and the moves that keep a unit type's count."""
 
-    def __init__(self, info: dict):
-        self.levels = info["levels"]
+    def __init__(self, *, levels: int, grid: list[dict[str, list[int]]], cost: dict[str, list[float]] | None = None,
+                 band: list[float] | None = None):
+        self.levels = levels
         # what a move trades: the block's price per level where the iteration records it (removing a
         # layer's last query heads also drops its k/v projections), else the units kept
-        self.keeps = info.get("cost") or {param_name(i, unit): keeps
-                                          for i, units in enumerate(info["grid"]) for unit, keeps in units.items()}
-        self.band = info.get("band")  # [lowest, highest] summed price: a latency budget, kept within a band
+        self.keeps = cost or {param_name(i, unit): keeps
+                              for i, units in enumerate(grid) for unit, keeps in units.items()}
+        self.band = band  # [lowest, highest] summed price: a latency budget, kept within a band
         self.by_unit: dict[str, list[str]] = {}
         for name in self.keeps:
             self.by_unit.setdefault(parse_param(name)[1], []).append(name)
         if self.band:  # any two blocks may trade: latency prices attention and MLP in one currency
             self.by_unit = {"any": sorted(self.keeps)}
+
+    @classmethod
+    def of(cls, record: schema.IterationRecord) -> _Grid:
+        return cls(levels=record.levels, grid=record.grid, cost=record.cost, band=record.band)
 
     def space(self) -> dict[str, BaseDistribution]:
         return {name: IntDistribution(-self.levels, self.levels) for name in self.keeps}
@@ -131,11 +142,11 @@ class GenerationalSampler(BaseSampler):
     def plan(self, study: Study, trial: FrozenTrial) -> dict[str, int]:
         """Levels for the planned (WAITING) `trial`, numbered in its system attrs."""
         info = iteration_info(study)
-        if trial.system_attrs[GENERATION] == 0:
-            return dict(info["start"])
-        return self.propose(study, trial, info, _Grid(info).space())
+        if schema.generation_of(trial) == 0:
+            return dict(info.record.start)
+        return self.propose(study, trial, info, _Grid.of(info.record).space())
 
-    def propose(self, study: Study, trial: FrozenTrial, info: dict,
+    def propose(self, study: Study, trial: FrozenTrial, info: Current,
                 search_space: dict[str, BaseDistribution]) -> dict[str, int]:
         raise NotImplementedError
 
@@ -152,22 +163,23 @@ class EvolutionSampler(GenerationalSampler):
         self._generations: dict[tuple, list[dict[str, int]]] = {}
 
     def propose(self, study, trial, info, search_space):
-        return self._children(study, info, trial.system_attrs[GENERATION])[trial.system_attrs[INDEX]]
+        where = schema.place(trial)
+        return self._children(study, info, where.generation)[where.index]
 
     def generation_size(self, study: Study, generation: int) -> int:
         return 1 if generation == 0 else len(self._children(study, iteration_info(study), generation))
 
-    def _children(self, study: Study, info: dict, generation: int) -> list[dict[str, int]]:
-        iteration = info["iteration"]
+    def _children(self, study: Study, info: Current, generation: int) -> list[dict[str, int]]:
+        iteration = info.iteration
         key = (study._study_id, iteration, generation)
         if key not in self._generations:
             earlier = [t for t in iteration_trials(study, iteration)
-                       if t.system_attrs.get(GENERATION, generation) < generation]  # unnumbered: being asked
+                       if schema.generation_of(t) is not None and schema.generation_of(t) < generation]
             parent = best_trial(earlier)
             if parent is None:
                 raise RuntimeError(f"generation {generation} has no complete parent trial yet")
             seen = {tuple(sorted(t.params.items())) for t in earlier}
-            self._generations[key] = self.offspring_of(parent.params, _Grid(info), seen,
+            self._generations[key] = self.offspring_of(parent.params, _Grid.of(info.record), seen,
                                                        self._rng(iteration, generation))
         return self._generations[key]
 
@@ -214,11 +226,13 @@ class ParetoSampler(GenerationalSampler):
                 proposal[name] = self.base.sample_independent(study, trial, name, dist)
         return self.unseen({k: int(v) for k, v in proposal.items()}, study, info, trial.number)
 
-    def unseen(self, params: dict[str, int], study: Study, info: dict, number: int) -> dict[str, int]:
+    def unseen(self, params: dict[str, int], study: Study, info: Current, number: int) -> dict[str, int]:
         """`params`, or where the iteration has that candidate already, random one-level moves away from
         it until it is new (GA samplers propose repeats; evaluating one twice would teach nothing)."""
-        seen = {tuple(sorted(t.params.items())) for t in iteration_trials(study, info["iteration"]) if t.params}
-        rng, names, levels = self._rng(info["iteration"], number), sorted(params), info["levels"]
+        # evaluated trials have params; their siblings planned before them only the planned levels
+        known = (t.params or schema.planned_params(t) for t in iteration_trials(study, info.iteration))
+        seen = {tuple(sorted(params.items())) for params in known if params}
+        rng, names, levels = self._rng(info.iteration, number), sorted(params), info.record.levels
         for _ in range(100):
             if tuple(sorted(params.items())) not in seen:
                 break
@@ -231,9 +245,9 @@ class BudgetedSampler(ParetoSampler):
     """Another Optuna sampler proposes levels; single-level moves then restore the unit counts exactly."""
 
     def propose(self, study, trial, info, search_space):
-        grid = _Grid(info)
-        return repair(super().propose(study, trial, info, search_space), grid, grid.totals(info["start"]),
-                      self._rng(info["iteration"], trial.number))
+        grid = _Grid.of(info.record)
+        return repair(super().propose(study, trial, info, search_space), grid, grid.totals(info.record.start),
+                      self._rng(info.iteration, trial.number))
 
 
 def repair(params: dict[str, int], grid: _Grid, totals: dict[str, int], rng: np.random.Generator) -> dict[str, int]:

@@ -10,7 +10,7 @@ from optuna.pruners import BasePruner
 from optuna.study import Study
 from optuna.trial import FrozenTrial, TrialState
 
-from tyrsearch.search.samplers import GENERATION, ITERATION
+from tyrsearch.search import study as schema
 
 
 class SelectionPruner(BasePruner):
@@ -27,7 +27,7 @@ class SelectionPruner(BasePruner):
             return False
         peers = [t for t in study.get_trials(deepcopy=False)
                  if t.state != TrialState.FAIL and step in t.intermediate_values
-                 and t.system_attrs.get(ITERATION) == trial.system_attrs.get(ITERATION)
-                 and t.system_attrs.get(GENERATION) == trial.system_attrs.get(GENERATION)]
+                 and schema.iteration_of(t) == schema.iteration_of(trial)
+                 and schema.generation_of(t) == schema.generation_of(trial)]
         ranked = sorted(peers, key=lambda t: (t.intermediate_values[step], t.number))
         return [t.number for t in ranked].index(trial.number) >= self.survivors[step + 1]

@@ -27,13 +27,12 @@ from torch import nn
 
 from tyrsearch import metrics
 from tyrsearch.metrics import Reference
+from tyrsearch.search import study as schema
 from tyrsearch.search.candidates import CandidateEvaluator, Levels
-from tyrsearch.search.samplers import GENERATION, INDEX, ITERATION, best_trial, iteration_trials, parse_param
+from tyrsearch.search.samplers import best_trial, iteration_trials, parse_param
 from tyrsearch.space import SearchSpace
 from tyrsearch.supernet import Supernet
 
-FIXED = "fixed_params"  # where Optuna keeps an enqueued trial's params (Study.enqueue_trial)
-DONE = "tyr:done"  # study user attr: the search has finished; workers leave
 # what an objective reads from a trial: the fitness itself, or a user attr the search sets when planning
 OBJECTIVES = {"kl": None, "latency": "latency_ms", "params": "params", "flops": "flops_per_token"}
 
@@ -64,16 +63,16 @@ def reference_for(model: nn.Module, fitness_batches: torch.Tensor, space: Search
 
 def generation_trials(study: optuna.Study, iteration: int, generation: int) -> list[FrozenTrial]:
     """The generation's trials that count (not failed), by number."""
-    return [t for t in iteration_trials(study, iteration) if t.system_attrs[GENERATION] == generation]
+    return [t for t in iteration_trials(study, iteration) if schema.generation_of(t) == generation]
 
 
 def claim(study: optuna.Study, iteration: int) -> FrozenTrial | None:
     """Take one planned WAITING trial of the iteration (atomic in the storage; None if there is none)."""
     for trial in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-        if trial.system_attrs.get(ITERATION) != iteration or FIXED not in trial.system_attrs:
+        if schema.iteration_of(trial) != iteration or schema.planned_params(trial) is None:
             continue  # another iteration's, or still being planned
         try:
-            if study._storage.set_trial_state_values(trial._trial_id, state=TrialState.RUNNING):
+            if schema.claim(study, trial):
                 return trial
         except UpdateFinishedTrialError:
             continue
@@ -84,11 +83,12 @@ def retry(study: optuna.Study, trial: FrozenTrial) -> None:
     """Fail a trial that nobody runs any more and queue the same candidate again, keeping the stages it
     reported (what the heartbeat does for a dead worker's trials, done at once)."""
     try:
-        if not study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+        if not schema.fail(study, trial):
             return
     except UpdateFinishedTrialError:
         return
-    RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True)(study, study._storage.get_trial(trial._trial_id))
+    stale = schema.fresh(study, schema.trial_id(trial))
+    RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True)(study, stale)
 
 
 class Backoff:
@@ -153,26 +153,26 @@ class Dispatcher:
         self.stage_sequences = [math.ceil(stage.tokens / seq_len) for stage in space.selection]
         self.survivors = [stage.survivors for stage in space.selection]
         self.tokens_per_sequence = seq_len
-        self.objectives = study.user_attrs.get("settings", {}).get("objectives", ["kl"])
+        self.objectives = (schema.settings(study) or {}).get("objectives", ["kl"])
         self.held: set[int] = set()  # trial ids claimed here and not finished
         self.in_flight: set[int] = set()  # held trials whose Task is out being evaluated
         self._parents: dict[tuple[int, int], dict[str, int] | None] = {}
-        interval = getattr(study._storage, "get_heartbeat_interval", lambda: None)()
-        self.heartbeat = Heartbeat(study._storage, interval) if interval else None
+        storage, interval = schema.heartbeat_storage(study)
+        self.heartbeat = Heartbeat(storage, interval) if interval else None
 
     def next(self) -> Task | None:
         """A claimed candidate's first stage, or a held one's next stage (pruning those that selection
         drops on the way). None: nothing to evaluate now."""
-        iteration = self.study.user_attrs.get(ITERATION)
-        record = self.study.user_attrs.get(f"iteration{iteration}")
-        if record is None or "supernet" not in record:
+        iteration = schema.current_iteration(self.study)
+        record = None if iteration is None else schema.iteration_record(self.study, iteration)
+        if record is None or record.supernet is None:
             return None
         trial = claim(self.study, iteration)  # new candidates first: a held one waits for them anyway
         if trial is not None:
-            self.held.add(trial._trial_id)
+            self.held.add(schema.trial_id(trial))
             if self.heartbeat:
-                self.heartbeat.add(trial._trial_id)
-            return self._task(trial._trial_id, record)
+                self.heartbeat.add(schema.trial_id(trial))
+            return self._task(schema.trial_id(trial), record)
         for trial_id in sorted(self.held - self.in_flight):
             task = self._task(trial_id, record)
             if task is not None:
@@ -184,7 +184,7 @@ class Dispatcher:
         completes the trial."""
         self.in_flight.discard(task.trial_id)
         trial = optuna.Trial(self.study, task.trial_id)
-        spent = self.study._storage.get_trial(task.trial_id).user_attrs.get("seconds", 0.0)
+        spent = self._frozen(task.trial_id).user_attrs.get("seconds", 0.0)
         trial.set_user_attr("seconds", spent + seconds)
         trial.set_user_attr("worker", worker)
         trial.set_user_attr("stage", task.stage)
@@ -192,39 +192,42 @@ class Dispatcher:
         if len(self.objectives) == 1:  # Optuna prunes (selects) single-objective trials only
             trial.report(value, task.stage)
         if task.stage + 1 == len(self.stage_sequences):
-            attrs = self.study._storage.get_trial(task.trial_id).user_attrs
+            attrs = self._frozen(task.trial_id).user_attrs
             self._finish(trial, values=[value, *(attrs[OBJECTIVES[name]] for name in self.objectives[1:])])
 
     def abandon(self, task: Task) -> None:
         """The task's evaluation failed: fail the trial and queue the candidate again (stages kept)."""
         self.in_flight.discard(task.trial_id)
         self._release(task.trial_id)
-        retry(self.study, self.study._storage.get_trial(task.trial_id))
+        retry(self.study, self._frozen(task.trial_id))
 
     def close(self) -> None:
         if self.heartbeat:
             self.heartbeat.close()
 
-    def _task(self, trial_id: int, record: dict) -> Task | None:
-        frozen = self.study._storage.get_trial(trial_id)
-        iteration, generation = frozen.system_attrs[ITERATION], frozen.system_attrs[GENERATION]
+    def _frozen(self, trial_id: int) -> FrozenTrial:
+        return schema.fresh(self.study, trial_id)
+
+    def _task(self, trial_id: int, record: schema.IterationRecord) -> Task | None:
+        frozen = self._frozen(trial_id)
+        iteration, generation = schema.iteration_of(frozen), schema.generation_of(frozen)
         stage = max(frozen.intermediate_values, default=-1) + 1  # the next stage to evaluate
         if stage > 0 and not self._stage_done(iteration, generation, stage - 1):
             return None  # the generation's other candidates have not all reported yet
         trial = optuna.Trial(self.study, trial_id)
-        params = {name: trial.suggest_int(name, -record["levels"], record["levels"])
-                  for name in sorted(frozen.system_attrs[FIXED])}
+        params = {name: trial.suggest_int(name, -record.levels, record.levels)
+                  for name in sorted(schema.planned_params(frozen))}
         if stage > 0 and trial.should_prune():
             self._finish(trial, state=TrialState.PRUNED)
             return None
         self.in_flight.add(trial_id)
         return Task(trial_id=trial_id, iteration=iteration, generation=generation, stage=stage,
                     sequences=self.stage_sequences[stage], params=params,
-                    parent=self._parent(iteration, generation), supernet=record["supernet"])
+                    parent=self._parent(iteration, generation), supernet=record.supernet)
 
     def _finish(self, trial: optuna.Trial, **outcome) -> None:
         self.study.tell(trial, **outcome)
-        self._release(trial._trial_id)
+        self._release(schema.trial_id(trial))
 
     def _release(self, trial_id: int) -> None:
         self.held.discard(trial_id)
@@ -234,7 +237,7 @@ class Dispatcher:
     def _stage_done(self, iteration: int, generation: int, stage: int) -> bool:
         """Has every candidate of the generation that selection lets reach `stage` reported it?"""
         peers = generation_trials(self.study, iteration, generation)
-        size = len({t.system_attrs[INDEX] for t in peers})
+        size = len({schema.place(t).index for t in peers})
         expected = size if stage == 0 else min(size, self.survivors[stage])
         return sum(stage in t.intermediate_values for t in peers) >= expected
 
@@ -245,7 +248,7 @@ class Dispatcher:
             return None
         if (iteration, generation) not in self._parents:
             parent = best_trial([t for t in iteration_trials(self.study, iteration)
-                                 if t.system_attrs[GENERATION] < generation])
+                                 if schema.generation_of(t) < generation])
             self._parents = {(iteration, generation): parent.params}
         return self._parents[(iteration, generation)]
 
