@@ -299,7 +299,7 @@ def run(args) -> None:
     for target in args.targets:
         row_set = results["targets"].setdefault(str(target), {"rows": {}})
         for name in ROWS[1:]:
-            if name not in HEADLINE and target not in args.ablation_targets:
+            if (name not in HEADLINE and target not in args.ablation_targets) or name not in args.rows:
                 continue
             row = row_set["rows"].setdefault(name, {"ppl": {}})
             if set(row["ppl"]) == set(domains) and "sparsity" in row:
@@ -321,7 +321,7 @@ def run(args) -> None:
             evaluate_row(model, tokenizer, row, domains, 0, commit)
     for target in args.targets if args.zero_shot else ():  # before the candidate tables: the headline metric
         row_set = results["targets"][str(target)]
-        for name in HEADLINE:
+        for name in (n for n in HEADLINE if n in args.rows):
             row = results["dense"] if name == "dense" else row_set["rows"][name]
             if row.get("zero_shot", {}).get("limit") == args.zero_shot:
                 continue
@@ -350,6 +350,8 @@ def main() -> None:
     parser.add_argument("--targets", type=float, nargs="+", default=[0.3, 0.5])
     parser.add_argument("--ablation-targets", type=float, nargs="*", default=[0.5],
                         help="targets that also get the rows between wave 1 and today's defaults")
+    parser.add_argument("--rows", nargs="+", default=list(ROWS), metavar="ROW",
+                        help="only these rows (default: all); e.g. dense uniform owl 'knapsack start' searched")
     parser.add_argument("--eval-tokens", type=int, default=16384, help="held-out tokens per domain")
     parser.add_argument("--calib-seqs", type=int, default=32)
     parser.add_argument("--zero-shot", type=int, default=500, help="examples per zero-shot task (0: skip)")
