@@ -3,8 +3,8 @@ search's per-layer expert counts, side by side.
 
 1. `tyrsearch moefy --model smollm2-135m --experts 8 --top-k 2`: the benchmark MoE (its ppl next to dense).
 2. At total sparsity 0.4 and 0.6 (counted weights: attention, routers, experts), with 25% of the experts
-   removed first (`--experts-keep 0.75`) and WandaSparsity for the rest: `--method stun | frequency | random`;
-   `--method none`: unstructured-only (WandaSparsity) to the same total.
+   removed first (`--experts-keep 0.75`) and Wanda for the rest: `--method stun | frequency | random`;
+   `--method none`: unstructured-only (Wanda) to the same total.
 3. searched: `tyrsearch search --space moe --criterion stun` removes the same share of the weights as
    STUN's expert stage, with per-layer expert counts chosen by the evolution (fitness: KL to the MoE),
    then `tyrsearch stun --method none` brings it to the same total sparsity with Wanda.

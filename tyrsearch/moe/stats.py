@@ -5,7 +5,7 @@ Forward hooks on the dense model record, per decoder layer:
 - in an MoE layer, from the routing that the experts block receives (each token's top-k expert ids, the
   top-k of the router logits): how many tokens co-select each pair of experts ([E, E], the diagonal is
   how many tokens select each expert);
-- the sums over tokens of x_j^2 of every input that WandaSparsity scores, so ||x_j|| = sqrt(sum x_j^2):
+- the sums over tokens of x_j^2 of every input that Wanda scores, so ||x_j|| = sqrt(sum x_j^2):
   the attention input (q/k/v read it), the o_proj input, and in an MoE layer, per expert and over only
   the tokens routed to that expert, the expert's input (gate_up_proj reads it) and its intermediate
   activation act(gate) * up (down_proj reads it); a dense MLP layer's gate/up and down_proj inputs.
@@ -50,7 +50,7 @@ class LayerStats:
     tokens: int = 0  # tokens routed through the layer's experts (MoE layers)
 
     def norms(self, key: str) -> torch.Tensor:
-        """||x_j|| over the calibration tokens, the WandaSparsity factor."""
+        """||x_j|| over the calibration tokens, the Wanda factor."""
         return self.sq_sums[key].sqrt()
 
     def keep_experts(self, kept: torch.Tensor) -> LayerStats:

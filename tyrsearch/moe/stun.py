@@ -4,7 +4,7 @@
     save_pruned(model, tokenizer, "out/")          # per-layer expert counts; reloads with from_pretrained
 
 1. Calibration (`tyrsearch.moe.stats`): ONE pass over the calibration batches with forward hooks collects
-   the experts' co-selection counts and the input norms that WandaSparsity needs.
+   the experts' co-selection counts and the input norms that Wanda needs.
 2. Expert stage (`tyrsearch.moe.experts`): a method chosen by name (stun, frequency, random; none
    keeps every expert) decides which experts each MoE layer keeps, `experts_keep` of them in total. The
    family adapter cuts the others with their router rows. With `merge`, each cluster of at most

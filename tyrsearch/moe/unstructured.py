@@ -40,7 +40,7 @@ class Matrix:
     norm: torch.Tensor  # [in] float64: ||x_j|| over the calibration tokens W saw
 
     def scores(self) -> torch.Tensor:
-        """[rows, in] float64 WandaSparsity scores (|W| alone where the matrix saw no token)."""
+        """[rows, in] float64 Wanda scores (|W| alone where the matrix saw no token)."""
         norm = self.norm if bool(self.norm.any()) else torch.ones_like(self.norm)
         return self.weight.detach().double().abs() * norm[None, :]
 
