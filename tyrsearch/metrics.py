@@ -1,4 +1,4 @@
-"""EvaluationModels of any causal LM (dense or with per-layer shapes): perplexity, KL to a reference,
+"""Evaluation of any causal LM (dense or with per-layer shapes): perplexity, KL to a reference,
 zero-shot multiple choice, parameter counts.
 
 Everything runs under ``torch.inference_mode`` and accumulates in float64; logits are reduced one

@@ -1,4 +1,4 @@
-"""EvaluationModels of planned candidates by any number of workers, in one process or many, sharing a study.
+"""Evaluation of planned candidates by any number of workers, in one process or many, sharing a study.
 
 The search queues each generation as WAITING trials whose levels are fixed params. A worker claims one
 (the storage's WAITING -> RUNNING change is atomic, so no candidate is claimed twice), reports its
