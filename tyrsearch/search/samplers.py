@@ -15,6 +15,13 @@ candidate alone, then generations of up to `offspring` trials each.
 - `BudgetedSampler`: any Optuna sampler (TPE, CMA-ES) proposes; the proposal is then repaired to the
   start candidate's unit counts by single-level moves.
 - `ParetoSampler`: NSGA-II proposes freely for several objectives (quality and a cost); no budget.
+
+Why samplers and not Optuna's `BaseGASampler`: they are the study's sampler, so that `Study.tell` in any
+worker reaches the wrapped TPE / CMA-ES / NSGA-II's `after_trial`; but they plan a whole generation before
+anyone evaluates it (workers claim planned trials, a killed search re-plans the same candidates), where
+`BaseGASampler` assigns generations as trials are asked for, one at a time. So the search calls `plan`
+itself and the per-trial hooks have nothing to do; the budget is a wrapper (`BudgetedSampler` holds a
+`ParetoSampler`), not a subclass.
 """
 
 from __future__ import annotations
@@ -241,12 +248,20 @@ class ParetoSampler(GenerationalSampler):
         return params
 
 
-class BudgetedSampler(ParetoSampler):
-    """Another Optuna sampler proposes levels; single-level moves then restore the unit counts exactly."""
+class BudgetedSampler(GenerationalSampler):
+    """Another Optuna sampler proposes levels (through a `ParetoSampler`, which keeps them new); single-level
+    moves then restore the unit counts exactly."""
+
+    def __init__(self, base: BaseSampler, *, offspring: int, seed: int = 0):
+        super().__init__(offspring=offspring, seed=seed)
+        self.free = ParetoSampler(base, offspring=offspring, seed=seed)
+
+    def after_trial(self, study, trial, state, values):
+        self.free.after_trial(study, trial, state, values)
 
     def propose(self, study, trial, info, search_space):
         grid = _Grid.of(info.record)
-        return repair(super().propose(study, trial, info, search_space), grid, grid.totals(info.record.start),
+        return repair(self.free.propose(study, trial, info, search_space), grid, grid.totals(info.record.start),
                       self._rng(info.iteration, trial.number))
 
 
