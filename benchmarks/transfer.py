@@ -336,7 +336,7 @@ def run(args) -> None:
     for target in args.targets if args.candidates else ():
         row_set = results["targets"][str(target)]
         sample = {d: b[: -(-args.candidate_tokens // 512)] for d, b in domains.items()}
-        for name in (DEFAULT, WAVE1):  # today's and wave 1's; the steps between cost as much again
+        for name in (n for n in (DEFAULT, WAVE1) if n in args.rows):  # the steps between cost as much again
             known = row_set.setdefault("candidates", {}).get(name)
             if known is None or set(known["spearman"]) != set(sample) or "proxies" not in known:
                 print(f"{target} {name}: candidate table", flush=True)
