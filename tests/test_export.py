@@ -151,7 +151,7 @@ def test_runtime_runner_needs_no_torch_and_generates_torchs_tokens(llama_shaped,
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["--model", "no/such/folder"], "--model no/such/folder not found"),
+    (["--model", "no/such/folder"], "model 'no/such/folder' not found"),  # as every command says it
     (["--opset", "9"], "--opset 9 is not supported: choose 18 to 23"),
     (["--out", "x.txt"], "must name a .onnx file"),
     (["--int8-method", "int4"], "--int8-method 'int4' is unknown: choose dynamic or weights"),

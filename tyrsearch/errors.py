@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-_MENTION = re.compile("\x00([a-z_]+)\x00")
+_MENTION = re.compile("\x00([a-z0-9_]+)\x00")
 
 
 class UserError(Exception):
