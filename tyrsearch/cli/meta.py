@@ -37,10 +37,8 @@ def _meta_out(out_dir: Path, *, resume: bool, overwrite: bool = False) -> None:
 @click.option("--epochs", default=2.0, show_default=True, type=click.FloatRange(min=0, min_open=True))
 @click.option("--batch-size", default=128, show_default=True, type=click.IntRange(min=1))
 @click.option("--lr", default=2e-3, show_default=True, type=click.FloatRange(min=0, min_open=True))
-@click.option("--train-images", default=None, type=click.IntRange(min=1),
-              help="train on the first N training images only (default: all 60000)")
-@click.option("--test-images", default=None, type=click.IntRange(min=1),
-              help="measure test accuracy on the first N test images only (default: all 10000)")
+@options.images(train="train on the first N training images only (default: all 60000)",
+                test="measure test accuracy on the first N test images only (default: all 10000)")
 @options.out_dir("the zoo folder")
 @click.option("--resume", is_flag=True, help="continue an interrupted zoo in --out (same options)")
 @options.quiet()
@@ -120,10 +118,8 @@ def meta_train_command(zoo_dir: Path, out_dir: Path, steps: int, batch_size: int
               help="fine-tuning steps after pruning")
 @click.option("--batch-size", default=128, show_default=True, type=click.IntRange(min=1))
 @click.option("--lr", default=1e-3, show_default=True, type=click.FloatRange(min=0, min_open=True))
-@click.option("--train-images", default=None, type=click.IntRange(min=1),
-              help="fine-tune on the first N training images only (default: all 60000)")
-@click.option("--test-images", default=None, type=click.IntRange(min=1),
-              help="measure accuracy on the first N test images only (default: all 10000)")
+@options.images(train="fine-tune on the first N training images only (default: all 60000)",
+                test="measure accuracy on the first N test images only (default: all 10000)")
 @options.seed()
 @options.out_dir("folder for the pruned network (model.safetensors, net.json) and result.json")
 @options.overwrite()

@@ -108,3 +108,9 @@ def wait(help: str = "wait for the job to finish; exit 1 unless it succeeds") ->
 
 def quiet(help: str = "no progress bars") -> Decorator:
     return click.option("--quiet", is_flag=True, help=help)
+
+
+def images(*, train: str, test: str) -> Decorator:
+    """--train-images and --test-images: the meta-pruner's Fashion-MNIST subsets."""
+    return _stack(click.option("--train-images", default=None, type=click.IntRange(min=1), help=train),
+                  click.option("--test-images", default=None, type=click.IntRange(min=1), help=test))
