@@ -30,29 +30,12 @@ class Evaluation:
 
 
 @dataclass(frozen=True)
-class PruneResult:
-    """A one-shot pruned model and its figures (result.json)."""
+class ModelResult:
+    """A pruned model and its figures (result.json)."""
 
     figures: dict
-    out: Path | None
+    out: Path | None  # the saved HF folder (search: the run folder, the model in out/model)
     model: Any = field(repr=False, compare=False)  # the pruned PreTrainedModel
-    tokenizer: Any = field(repr=False, compare=False)
-
-    @property
-    def achieved_sparsity(self) -> float:
-        return self.figures["achieved_sparsity"]
-
-    def to_json(self) -> dict:
-        return self.figures
-
-
-@dataclass(frozen=True)
-class SearchResult:
-    """A search's winner and its figures (result.json; also kept in the study for `tyrsearch report`)."""
-
-    figures: dict
-    out: Path
-    model: Any = field(repr=False, compare=False)  # the materialized winner, saved in out/model
     tokenizer: Any = field(repr=False, compare=False)
 
     @property
@@ -66,6 +49,14 @@ class SearchResult:
 
     def to_json(self) -> dict:
         return self.figures
+
+
+class PruneResult(ModelResult):
+    """A one-shot pruned model (`out` None when it was not saved)."""
+
+
+class SearchResult(ModelResult):
+    """A search's winner, saved in out/model (its figures are kept in the study too, for `tyrsearch report`)."""
 
 
 @dataclass(frozen=True)
