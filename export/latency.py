@@ -137,10 +137,15 @@ def build_table(model: PreTrainedModel, workload: Workload, *, progress: bool = 
         return max(0.0, (figures[(shape.kv_heads, shape.q_per_kv, shape.intermediate)] - figures["empty"])
                    / PROBE_LAYERS)
 
-    mlp_ms = np.maximum.accumulate([block(s) for s in mlp]).tolist()  # more channels never cost less
+    # more channels or heads never cost less: noise on small blocks says otherwise, and a price that falls
+    # as a layer grows would hand the knapsack negative savings
+    mlp_ms = np.maximum.accumulate([block(s) for s in mlp]).tolist()
+    attention_grid = np.array([block(s) for s in attention]).reshape(dense.kv_heads, dense.q_per_kv)  # [kv, q]
+    attention_grid = np.maximum.accumulate(np.maximum.accumulate(attention_grid, axis=0), axis=1)
     return LatencyTable(machine=machine_id(workload.intra_threads), model=model_id(model),
                         seq_len=workload.seq_len, threads=workload.intra_threads, base_ms=figures["base"],
-                        attention_ms={(s.kv_heads, s.q_per_kv): block(s) for s in attention},
+                        attention_ms={(s.kv_heads, s.q_per_kv): float(ms)
+                                      for s, ms in zip(attention, attention_grid.flat, strict=True)},
                         mlp_ms={0: 0.0, **dict(zip(widths, mlp_ms, strict=True))})
 
 

@@ -20,11 +20,12 @@ SPACE = SearchSpace(family="llama", units={Q_HEADS: UnitSpace(min_keep=0, step=1
                     fitness=Fitness(top_k=16))
 
 
-@pytest.mark.parametrize("seed", range(20))
+@pytest.mark.parametrize("seed", range(30))
 def test_knapsack_matches_brute_force(seed):
     rng = random.Random(seed)
-    items = [[(rng.randrange(0, 7) * 6, rng.random()) for _ in range(rng.randrange(1, 4))] for _ in range(4)]
-    budget = rng.randrange(0, 50)
+    lowest = -3 if seed % 3 == 0 else 0  # negative costs: a measured latency that rose when a layer shrank
+    items = [[(rng.randrange(lowest, 7) * 6, rng.random()) for _ in range(rng.randrange(1, 4))] for _ in range(4)]
+    budget = rng.randrange(-10 if lowest else 0, 50)
     feasible = [(sum(items[i][o][0] for i, o in enumerate(combo)), sum(items[i][o][1] for i, o in enumerate(combo)),
                  combo)
                 for combo in itertools.product(*[range(len(opts)) for opts in items])

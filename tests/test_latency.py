@@ -125,6 +125,9 @@ def test_latency_table_is_measured_once_per_machine_and_checked_against_whole_mo
     assert [kv_q for *kv_q, _ in built["attention_ms"]] == [[1, 1], [1, 2]]
     assert [width for width, _ in built["mlp_ms"]] == [0, 64]
     assert built["base_ms"] > 0 and all(ms >= 0 for *_, ms in built["attention_ms"] + built["mlp_ms"])
+    for column in ("attention_ms", "mlp_ms"):  # a larger block never costs less, whatever the noise said
+        figures = [ms for *_, ms in built[column]]
+        assert figures == sorted(figures)
     assert [row["label"] for row in built["check"]] == ["dense", "uniform 0.3"]
     for row in built["check"]:
         assert row["measured_ms"] > 0 and row["error"] == pytest.approx(row["estimate_ms"] / row["measured_ms"] - 1)

@@ -72,36 +72,41 @@ def knapsack(items: list[list[tuple[int, float]]], budget: int) -> list[int]:
     """One option per item, (cost, loss) each, with the least total loss among the choices whose total
     cost is the smallest reachable one >= budget (so the budget is met as exactly as the costs allow).
 
-    Exact dynamic program over costs in units of their greatest common divisor.
+    Exact dynamic program over costs in units of their greatest common divisor. A cost may be negative
+    (a measured latency that rose when a layer shrank), so the states span every reachable total.
     """
     quantum = reduce(math.gcd, [c for options in items for c, _ in options if c] + [budget]) or 1
     target = math.ceil(budget / quantum)
-    # the least reachable total >= target is at most the all-cheapest total or target + the largest cost
-    cheapest = sum(min(c for c, _ in options) for options in items) // quantum
-    top = max(cheapest, target + max(c for options in items for c, _ in options) // quantum)
-    best = torch.full((top + 1,), float("inf"), dtype=torch.float64)  # [state]: least loss so far
-    best[0] = 0.0
+    # every partial total lies in [low, high]: the start (0) and whatever the items add or take away
+    low = sum(min(0, *(c for c, _ in options)) for options in items) // quantum
+    high = sum(max(0, *(c for c, _ in options)) for options in items) // quantum
+    if target > sum(max(c for c, _ in options) for options in items) // quantum:
+        raise UserError("the target cannot be reached within the search space's levels: lower the target "
+                        "or widen the space (more levels, a larger step, lower min_keep)")
+    size = high - low + 1
+    best = torch.full((size,), float("inf"), dtype=torch.float64)  # [state]: least loss of total low + state
+    best[-low] = 0.0  # the empty choice
     choices, parents = [], []
     for options in items:
         new = torch.full_like(best, float("inf"))
-        choice = torch.full((top + 1,), -1, dtype=torch.long)
-        parent = torch.full((top + 1,), -1, dtype=torch.long)
+        choice = torch.full((size,), -1, dtype=torch.long)
+        parent = torch.full((size,), -1, dtype=torch.long)
         for o, (cost, loss) in enumerate(options):
             shift = cost // quantum  # state s moves to s + shift
             proposal = torch.full_like(best, float("inf"))
-            proposal[shift:] = best[: top + 1 - shift] + loss
+            if shift >= 0:
+                proposal[shift:] = best[: size - shift] + loss
+            else:
+                proposal[: size + shift] = best[-shift:] + loss
             better = proposal < new
             new = torch.where(better, proposal, new)
             choice = torch.where(better, o, choice)
-            parent = torch.where(better, torch.arange(top + 1) - shift, parent)
+            parent = torch.where(better, torch.arange(size) - shift, parent)
         best = new
         choices.append(choice)
         parents.append(parent)
-    reachable = torch.isfinite(best[target:]).nonzero()
-    if not len(reachable):
-        raise UserError("the target cannot be reached within the search space's levels: lower the target "
-                        "or widen the space (more levels, a larger step, lower min_keep)")
-    picked, state = [], target + int(reachable[0])
+    first = max(target - low, 0)
+    picked, state = [], first + int(torch.isfinite(best[first:]).nonzero()[0])
     for choice, parent in zip(reversed(choices), reversed(parents), strict=True):
         picked.append(int(choice[state]))
         state = int(parent[state])
