@@ -26,7 +26,6 @@ saved as each finishes, so an interrupted run resumes where it stopped.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import re
@@ -45,7 +44,7 @@ from tyrsearch.models import adapter_for
 from tyrsearch.pruner import dims_of
 from tyrsearch.search import study as schema
 from tyrsearch.search.candidates import CandidateEvaluator
-from tyrsearch.search.driver import params_to_levels
+from tyrsearch.search.driver import params_to_levels, start_candidate
 from tyrsearch.supernet import Supernet
 
 NAME = "transfer"
@@ -100,9 +99,7 @@ def study_of(target: float, row: str) -> optuna.Study:
 
 def knapsack_start(dense, target: float):
     """The default search's first start candidate, cut from its cached first supernet."""
-    record = schema.iteration_record(study_of(target, DEFAULT), 0)
-    levels = params_to_levels(record.start, len(adapter_for(dense).shapes(dense)))
-    return Supernet.load(record.supernet).apply(copy.deepcopy(dense), levels)
+    return start_candidate(study_of(target, DEFAULT), dense)
 
 
 # ---------------------------------------------------------------------------------------------------------

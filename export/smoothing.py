@@ -9,8 +9,8 @@ computes the same function in exact arithmetic while the activation's range shri
     s_j = max|a_j|^alpha / max|W_down[:, j]|^(1 - alpha)
 
 (max |a_j| over calibration tokens): alpha of the outlier moves into the weights, which are quantized
-per output channel. Only modules with `up_proj` and `down_proj` linear layers (Llama, Gemma-3, shared
-experts) are smoothed; fused expert weights are left as they are.
+per output channel. The family adapter names the gated MLPs (dense ones and Qwen2-MoE's shared expert);
+fused routed-expert weights are left as they are.
 """
 
 from __future__ import annotations
@@ -18,11 +18,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from tyrsearch.models import GatedMLP, adapter_for
 
-def gated_mlps(model: nn.Module) -> list[nn.Module]:
-    """Modules whose `up_proj` feeds `down_proj` through a gate (each with at least one channel)."""
-    return [m for m in model.modules() if isinstance(getattr(m, "up_proj", None), nn.Linear)
-            and isinstance(getattr(m, "down_proj", None), nn.Linear) and m.down_proj.in_features > 0]
+
+def gated_mlps(model: nn.Module) -> list[GatedMLP]:
+    """Every gated MLP of the decoder that has at least one channel."""
+    adapter = adapter_for(model)
+    return [mlp for layer in adapter.layers(model) for mlp in adapter.gated_mlps(layer) if mlp.down.in_features]
 
 
 @torch.no_grad()
@@ -37,19 +39,19 @@ def smooth_down_projections(model: nn.Module, batches: torch.Tensor, *, alpha: f
         peak = args[0].detach().abs().reshape(-1, module.in_features).amax(dim=0)  # [I]
         peaks[module] = torch.maximum(peaks[module], peak) if module in peaks else peak
 
-    handles = [mlp.down_proj.register_forward_pre_hook(record) for mlp in mlps]
+    handles = [mlp.down.register_forward_pre_hook(record) for mlp in mlps]
     try:
         for chunk in batches.split(batch_size):
-            model(input_ids=chunk, use_cache=False)
+            model(input_ids=chunk.to(model.device), use_cache=False)
     finally:
         for handle in handles:
             handle.remove()
     for mlp in mlps:
-        down = mlp.down_proj.weight  # [H, I]
-        scale = peaks[mlp.down_proj].float().clamp_min(1e-5) ** alpha \
+        down = mlp.down.weight  # [H, I]
+        scale = peaks[mlp.down].float().clamp_min(1e-5) ** alpha \
             / down.abs().amax(dim=0).float().clamp_min(1e-5) ** (1 - alpha)  # [I]
-        mlp.up_proj.weight.div_(scale[:, None].to(down.dtype))  # [I, H]: row j / s_j
-        if mlp.up_proj.bias is not None:
-            mlp.up_proj.bias.div_(scale.to(down.dtype))
+        mlp.up.weight.div_(scale[:, None].to(down.dtype))  # [I, H]: row j / s_j
+        if mlp.up.bias is not None:
+            mlp.up.bias.div_(scale.to(down.dtype))
         down.mul_(scale[None, :].to(down.dtype))  # column j * s_j
     return len(mlps)

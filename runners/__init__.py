@@ -18,7 +18,7 @@ RUNNERS = ("local", "optuna", "ray")
 
 
 def make_runner(name: str, *, storage_url: str, study_name: str, workers: int, threads: int | None,
-                heartbeat_s: float, address: str | None) -> Runner:
+                heartbeat_s: float, address: str | None, device: str = "auto") -> Runner:
     """The runner called `name` (its module is imported here: they load torch, and ray is slow to import)."""
     if name == "local":
         from tyrsearch.runners.local import LocalRunner
@@ -28,7 +28,7 @@ def make_runner(name: str, *, storage_url: str, study_name: str, workers: int, t
         from tyrsearch.runners.optuna_workers import OptunaRunner
 
         return OptunaRunner(storage_url=storage_url, study_name=study_name, workers=workers, threads=threads,
-                            heartbeat_s=heartbeat_s)
+                            heartbeat_s=heartbeat_s, device=device)
     from tyrsearch.runners.ray_tune import RayRunner
 
     return RayRunner(address=address, workers=workers, threads=threads)

@@ -161,7 +161,10 @@ class RayRunner(Runner):
 
         # the CPUs are reserved by the Tune trial that has an Evaluator busy, not by the idle Evaluator; the
         # handles stay referenced here for the whole run (a handle only in the queue lets Ray collect it)
-        pool = [Evaluator.options(num_cpus=0, max_restarts=MAX_FAILURES, max_task_retries=MAX_FAILURES).remote(
+        # one GPU per Evaluator where the cluster has them (Ray sets each actor's CUDA_VISIBLE_DEVICES)
+        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+        pool = [Evaluator.options(num_cpus=0, num_gpus=gpus, max_restarts=MAX_FAILURES,
+                                  max_task_retries=MAX_FAILURES).remote(
             schema.job(study), schema.settings(study)["space"], self.threads) for _ in range(self.workers)]
         evaluators = Queue()
         for evaluator in pool:

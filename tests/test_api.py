@@ -1,5 +1,5 @@
-"""The Python API: the same results as the CLI with the same settings, a loaded model in place of a
-reference, errors that name the parameter (the CLI its flag), and the README's Python example."""
+"""The Python API: the same results as the CLI with the same settings (search, prune, stun), a loaded model in
+place of a reference, errors that name the parameter (the CLI its flag), and the README's Python example."""
 
 import json
 import re
@@ -9,8 +9,7 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import tyrsearch
-from tests.conftest import run_cli, search_args
-from tests.test_moe_models import MOE_FAMILIES
+from tests.conftest import MOE_FAMILIES, run_cli, search_args
 from tyrsearch.models import adapter_for
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -75,6 +74,51 @@ def test_the_readme_python_example_runs(tmp_path, monkeypatch, capsys):
     before, after = map(float, re.search(r"code ppl ([\d.]+) -> ([\d.]+)", printed).groups())
     assert 1 < before < after  # the pruned model is worse than the dense one, not broken
     assert (tmp_path / "runs" / "owl-0.3" / "config.json").exists()
+
+
+@pytest.fixture(scope="module")
+def mixtral_folder(tmp_path_factory, smollm2_folder):
+    """The tiny Mixtral (2 layers x 6 experts, top-2) with SmolLM2's tokenizer, saved as an HF folder."""
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_folder)
+    folder = tmp_path_factory.mktemp("mixtral") / "model"
+    MOE_FAMILIES["mixtral"](vocab=len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_stun_through_the_api_equals_the_cli(mixtral_folder, text_file, tmp_path):
+    flags = ["--experts-keep", "0.75", "--sparsity", "0.5", "--router-weight", "0.2", "--merge", "--calib",
+             str(text_file), "--calib-seqs", "4", "--seq-len", "32", "--eval-text", str(text_file), "--eval-tokens",
+             "64"]
+    ran = run_cli("stun", "--model", str(mixtral_folder), "--out", str(tmp_path / "cli"), *flags, "--json")
+    assert ran.returncode == 0, ran.stderr
+    by_cli = json.loads(ran.stdout)
+    model = AutoModelForCausalLM.from_pretrained(mixtral_folder)  # a loaded model, pruned in place
+    pruned = tyrsearch.stun(model, tokenizer=AutoTokenizer.from_pretrained(mixtral_folder), out=tmp_path / "api",
+                            experts_keep="0.75", sparsity=0.5, router_weight=0.2, merge=True, calib=str(text_file),
+                            calib_seqs=4, seq_len=32, eval_text=str(text_file), eval_tokens=64, progress=False)
+    assert isinstance(pruned, tyrsearch.PruneResult) and pruned.model is model
+    assert pruned.to_json() == json.loads((tmp_path / "api" / "result.json").read_text())
+    untimed = set(by_cli) - {"model", "out", "time_s"}
+    assert set(pruned.to_json()) == set(by_cli)
+    assert {k: pruned.to_json()[k] for k in untimed} == {k: by_cli[k] for k in untimed}
+    assert pruned.achieved_sparsity == pytest.approx(0.5, abs=1e-3) and pruned.to_json()["experts_kept"] == 9
+
+
+def test_moe_errors_name_the_parameter_before_loading_and_the_cli_its_flag(mixtral_folder, text_file, tmp_path):
+    with pytest.raises(tyrsearch.ParameterError, match=r"^experts_keep 1.5 as a share must be in \(0, 1\]") as bad:
+        tyrsearch.stun("no/such/model", out=tmp_path / "o", experts_keep=1.5, sparsity=0.5)  # before the load
+    assert bad.value.parameter == "experts_keep"
+    ran = run_cli("stun", "--model", str(mixtral_folder), "--out", str(tmp_path / "o"), "--experts-keep", "1.5",
+                  "--sparsity", "0.5")
+    assert ran.returncode == 2 and ran.stderr.startswith("error: --experts-keep 1.5 as a share must be in (0, 1]")
+    with pytest.raises(tyrsearch.ParameterError, match=r"^top_k 5 must be between 1 and experts \(4\)$"):
+        tyrsearch.moefy("no/such/model", experts=4, top_k=5, out=tmp_path / "o")
+    with pytest.raises(tyrsearch.ParameterError, match="^lr must be a number > 0") as bad:
+        tyrsearch.distill("no/such/model", "no/such/student", out=tmp_path / "o", lr=0.0)
+    with pytest.raises(tyrsearch.ParameterError, match="^train 'some'"):
+        tyrsearch.distill("no/such/model", "no/such/student", out=tmp_path / "o", train="some")
+    assert not (tmp_path / "o").exists()
 
 
 MOE_SPACE = ("family: moe\nunits:\n  experts: {min_keep: 2, step: 1}\nlevels: 1\niterations: 1\ngenerations: 2\n"

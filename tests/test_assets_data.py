@@ -10,42 +10,10 @@ import time
 
 import pytest
 import torch
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-from transformers import PreTrainedTokenizerFast
 
+from tests.conftest import char_tokenizer, prose
 from tyrsearch import assets, data, texts
 from tyrsearch.errors import UserError
-
-CHARS = [chr(c) for c in range(32, 127)] + ["\n"]
-SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]
-
-
-def char_tokenizer(*, bos: bool = False, dummy_prefix: bool = False) -> PreTrainedTokenizerFast:
-    """One token per character (ids < 128); optionally adds BOS, optionally SentencePiece-style '▁'."""
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + CHARS + ["▁"])}
-    model = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    split = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    if dummy_prefix:  # prepends '▁' to every call, so cutting a text changes its tokens
-        model.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Metaspace(prepend_scheme="always"), split])
-    else:
-        model.pre_tokenizer = split
-    model.decoder = decoders.Fuse()
-    if bos:
-        model.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=model, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
-    )
-
-
-def prose(n_paragraphs: int, *, seed: int = 0) -> str:
-    gen = torch.Generator().manual_seed(seed)
-    words = ["alpha", "beta", "gamma", "delta", "pruning", "layer", "head", "x1", "(y)", "z."]
-    paras = []
-    for _ in range(n_paragraphs):
-        idx = torch.randint(0, len(words), (int(torch.randint(5, 40, (1,), generator=gen)),), generator=gen)
-        paras.append(" ".join(words[i] for i in idx.tolist()))
-    return "\n\n".join(paras)
-
 
 # ---------------------------------------------------------------------------------------------------------
 # assets: errors

@@ -1,4 +1,4 @@
-"""Distillation (`tyrsearch.distill`, `tyrsearch distill`): the loss is the KL to the teacher, training
+"""Distillation (`tyrsearch.healing`, `tyrsearch distill`): the loss is the KL to the teacher, training
 brings a moefied student closer and touches only its MLPs, an interrupted run resumes to the same
 weights, and the command's output and one-line errors."""
 
@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from tests.conftest import VOCAB, run_cli, tiny_llama
-from tyrsearch.distill import DistillConfig, distill, distillation_loss
 from tyrsearch.errors import UserError
+from tyrsearch.healing import DistillConfig, distill, distillation_loss
 from tyrsearch.local import make_criterion
 from tyrsearch.materialize import save_pruned
 from tyrsearch.models import LayerShape, adapter_for

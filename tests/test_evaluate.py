@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from test_assets_data import char_tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from tests.conftest import char_tokenizer
 from tyrsearch import assets, data, metrics, texts
 from tyrsearch.errors import UserError
 

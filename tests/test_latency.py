@@ -9,8 +9,7 @@ import optuna
 import pytest
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from tests.conftest import TINY_SPACE, VOCAB, run_cli, space_file, tiny_llama
-from tests.test_search import SPACE, _batches
+from tests.conftest import SEARCH_SPACE, TINY_SPACE, VOCAB, random_batches, run_cli, space_file, tiny_llama
 from tyrsearch import allocation
 from tyrsearch.allocation import Dims
 from tyrsearch.budget import FlopsBudget, LatencyBudget, LatencyTable, ParamsBudget, limit
@@ -162,17 +161,18 @@ def _trials(out):
 def test_a_flops_budget_is_kept_exactly_by_every_candidate(tmp_path):
     model = tiny_llama(layers=6)
     config = SearchConfig(target=0.3, budget="flops")
-    study = open_study(storage=f"sqlite:///{tmp_path / 'study.db'}", study_name="f", space=SPACE, config=config,
+    study = open_study(storage=f"sqlite:///{tmp_path / 'study.db'}", study_name="f", space=SEARCH_SPACE, config=config,
                        resume=False)
     dims = Dims(hidden=48, head_dim=8)
     budget = FlopsBudget(dims=dims, seq_len=24, vocab=VOCAB)
-    search = Search(model=model, calibration=_batches(8, 1), fitness_batches=_batches(4, 2), space=SPACE,
-                    config=config, study=study, supernet_dir=tmp_path / "nets", budget=budget, progress=False)
+    search = Search(model=model, calibration=random_batches(8, 1), fitness_batches=random_batches(4, 2),
+                    space=SEARCH_SPACE, config=config, study=study, supernet_dir=tmp_path / "nets", budget=budget,
+                    progress=False)
     result = search.run()
     most = limit(budget, search.dense, 0.3)
     winner = budget.total(driver.shapes_of(result.supernet, result.levels, search.dense))
     assert most - 2 * 3 * 48 * 8 < winner <= most  # the knapsack start is within one MLP step of the limit
-    for k in range(SPACE.iterations):
+    for k in range(SEARCH_SPACE.iterations):
         ours = [t for t in study.trials if t.user_attrs["iteration"] == k]
         assert {t.user_attrs["flops_per_token"] for t in ours} == {winner if k else ours[0].user_attrs[
             "flops_per_token"]}  # the exact same FLOPs for every candidate of an iteration

@@ -4,7 +4,7 @@ trainable slots, and the meta-training loss reaches it through torch.func.functi
 import pytest
 import torch
 
-from tests.test_meta_graph import CONFIGS
+from tests.conftest import CONFIGS
 from tyrsearch.meta.gnn import MetaNet, MetaNetConfig, rewrite
 from tyrsearch.meta.graph import layout_for, network_to_graph
 from tyrsearch.meta.nets import build, logits

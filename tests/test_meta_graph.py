@@ -5,27 +5,9 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from tests.conftest import CONFIGS, random_network
 from tyrsearch.meta.graph import EDGE_TYPES, NODE_TYPES, graph_to_network, layout_for, network_to_graph
-from tyrsearch.meta.nets import ResNetConfig, ViTNetConfig, build, flops, logits
-
-# irregular widths (as after pruning) so that no two tensors share a shape by accident
-CONFIGS = {
-    "resnet": ResNetConfig(widths=(3, 5, 4), blocks=2, inner=(2, 4, 3, 6, 5, 1)),
-    "vit": ViTNetConfig(hidden=12, layers=2, heads=3, mlp=10, layer_heads=(2, 3), layer_mlp=(7, 10)),
-}
-
-
-def random_network(config, *, seed: int = 0) -> torch.nn.Module:
-    """float64, every parameter and BatchNorm statistic random, so that a misplaced entry shows."""
-    torch.manual_seed(seed)
-    model = build(config).double()
-    with torch.no_grad():
-        for name, tensor in model.state_dict().items():
-            if "running_var" in name:
-                tensor.uniform_(0.5, 2.0)
-            elif tensor.is_floating_point():
-                tensor.normal_()
-    return model.eval()
+from tyrsearch.meta.nets import build, flops, logits
 
 
 @pytest.fixture(params=sorted(CONFIGS))

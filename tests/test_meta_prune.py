@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from tests.test_meta_graph import CONFIGS, random_network
+from tests.conftest import CONFIGS, random_network
 from tyrsearch.errors import UserError
 from tyrsearch.meta.groups import groups_for
 from tyrsearch.meta.nets import ResNetConfig, ViTNetConfig, build, logits

@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.test_meta_graph import CONFIGS
+from tests.conftest import CONFIGS
 from tyrsearch.errors import UserError
 from tyrsearch.meta import train as meta_train_module
 from tyrsearch.meta.data import Split

@@ -1,25 +1,24 @@
 """Mixture-of-Experts families on tiny random models: routed experts as a unit, cut, saved and reloaded."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
-from transformers import (
-    AutoModelForCausalLM,
-    MixtralConfig,
-    MixtralForCausalLM,
-    OlmoeConfig,
-    OlmoeForCausalLM,
-    Qwen2MoeConfig,
-    Qwen2MoeForCausalLM,
-)
+from transformers import AutoModelForCausalLM
 
-from tests.conftest import VOCAB, tiny_llama
+from tests.conftest import (
+    COMMON,
+    MOE_FAMILIES,
+    MOE_HIDDEN,
+    reload_without_tyrsearch,
+    remove_experts,
+    tiny_llama,
+    tiny_mixtral,
+    tiny_olmoe,
+    tiny_qwen2_moe,
+)
 from tyrsearch.allocation import Dims
 from tyrsearch.errors import UserError
 from tyrsearch.local import make_criterion
@@ -27,51 +26,13 @@ from tyrsearch.materialize import save_pruned
 from tyrsearch.models import EXPERTS, KV_GROUPS, MLP, Q_HEADS, KeptUnits, LayerShape, adapter_for
 from tyrsearch.pruner import prune
 
-HIDDEN, HEAD_DIM = 64, 16
-# a larger init than transformers' 0.02 so that routing and experts visibly change the logits
-COMMON = {"vocab_size": VOCAB, "hidden_size": HIDDEN, "num_attention_heads": 4, "initializer_range": 0.1}
-
-
-def tiny_mixtral(*, vocab: int = VOCAB) -> MixtralForCausalLM:
-    """Softmax over all experts, top-2, renormalised over the two."""
-    torch.manual_seed(0)
-    config = MixtralConfig(**{**COMMON, "vocab_size": vocab}, intermediate_size=32, num_hidden_layers=2,
-                           num_key_value_heads=2,
-                           num_local_experts=6, num_experts_per_tok=2)
-    return MixtralForCausalLM(config).eval()
-
-
-def tiny_qwen2_moe(*, vocab: int = VOCAB) -> Qwen2MoeForCausalLM:
-    """A shared expert beside the routed ones, top-2 not renormalised, layer 1 a dense MLP."""
-    torch.manual_seed(0)
-    config = Qwen2MoeConfig(**{**COMMON, "vocab_size": vocab}, intermediate_size=80, moe_intermediate_size=32,
-                            shared_expert_intermediate_size=48, num_hidden_layers=3, mlp_only_layers=[1],
-                            num_key_value_heads=2, num_experts=8, num_experts_per_tok=2, norm_topk_prob=False)
-    return Qwen2MoeForCausalLM(config).eval()
-
-
-def tiny_olmoe(*, vocab: int = VOCAB) -> OlmoeForCausalLM:
-    """q_norm / k_norm over all heads, top-2 renormalised."""
-    torch.manual_seed(0)
-    config = OlmoeConfig(**{**COMMON, "vocab_size": vocab}, intermediate_size=32, num_hidden_layers=2, num_experts=8,
-                         num_experts_per_tok=2, norm_topk_prob=True, eos_token_id=None)
-    return OlmoeForCausalLM(config).eval()
-
-
-MOE_FAMILIES = {"mixtral": tiny_mixtral, "qwen2_moe": tiny_qwen2_moe, "olmoe": tiny_olmoe}
+HEAD_DIM = MOE_HIDDEN // COMMON["num_attention_heads"]
 # experts kept per MoE layer: a different count in every layer
 KEEP = {
     "mixtral": {0: [1, 3, 4], 1: [0, 5]},
     "qwen2_moe": {0: [0, 2, 3, 6, 7], 2: [1, 4]},
     "olmoe": {0: [2, 5], 1: [0, 1, 3, 4, 7]},
 }
-
-
-def remove_experts(model, keep: dict[int, list[int]]) -> None:
-    adapter = adapter_for(model)
-    for idx, kept in keep.items():
-        adapter.prune_layer_(adapter.layers(model)[idx], EXPERTS, KeptUnits(kept=torch.tensor(kept)),
-                             layer_idx=idx, head_dim=adapter.head_dim(model))
 
 
 class NeverRoute(TorchFunctionMode):
@@ -206,7 +167,7 @@ def _counted_params(layer) -> int:
 def test_parameter_count_follows_the_experts(name):
     model = MOE_FAMILIES[name]()
     remove_experts(model, KEEP[name])
-    adapter, dims = adapter_for(model), Dims(hidden=HIDDEN, head_dim=HEAD_DIM)
+    adapter, dims = adapter_for(model), Dims(hidden=MOE_HIDDEN, head_dim=HEAD_DIM)
     for layer in adapter.layers(model):
         assert dims.params(adapter.shape(layer)) == _counted_params(layer)
 
@@ -238,30 +199,6 @@ def test_per_layer_expert_counts_save_and_reload(name, tokens, tmp_path):
     assert reloaded.config._experts_implementation == model.config._experts_implementation
     assert torch.equal(reloaded(tokens).logits, before)
     assert adapter_for(reloaded).shapes(reloaded) == adapter_for(model).shapes(model)
-
-
-def reload_without_tyrsearch(models: dict, tokens: torch.Tensor, tmp_path) -> list[list[str]]:
-    """Save each model, reload it with trust_remote_code in a fresh interpreter that never imports tyrsearch;
-    returns [name, experts implementation, max |logit difference|] per model, in name order."""
-    torch.save(tokens, tmp_path / "tokens.pt")
-    folders = {}
-    for name, model in sorted(models.items()):
-        folders[name] = str(save_pruned(model, None, tmp_path / name))
-        torch.save(model(tokens).logits, tmp_path / f"{name}.pt")
-    script = f"""
-import sys, torch
-from transformers import AutoModelForCausalLM
-tokens = torch.load({str(tmp_path / 'tokens.pt')!r}, weights_only=True)
-for name, folder in {folders!r}.items():
-    m = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
-    assert type(m).__module__.startswith("transformers_modules"), type(m).__module__
-    expected = torch.load({str(tmp_path)!r} + f"/{{name}}.pt", weights_only=True)
-    print(name, m.config._experts_implementation, float((m(tokens).logits - expected).abs().max()))
-assert "tyrsearch" not in sys.modules, "tyrsearch was imported"
-"""
-    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
-    return [line.split() for line in out.stdout.strip().splitlines()]
 
 
 def test_trust_remote_code_loads_every_moe_family_without_tyrsearch(tokens, tmp_path):

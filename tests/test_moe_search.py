@@ -7,7 +7,7 @@ import optuna
 import pytest
 import torch
 
-from tests.test_moe_models import tiny_mixtral, tiny_qwen2_moe
+from tests.conftest import tiny_mixtral, tiny_qwen2_moe
 from tyrsearch.errors import UserError
 from tyrsearch.local import make_criterion
 from tyrsearch.materialize import save_pruned

@@ -8,15 +8,22 @@ import os
 import optuna
 import pytest
 
-from tests.conftest import free_port, processes_mentioning, run_cli, search_args, space_file
-from tests.test_runners import SPACE, _check_every_place_once
+from tests.conftest import (
+    RUNNER_SPACE,
+    check_every_place_once,
+    free_port,
+    processes_mentioning,
+    run_cli,
+    search_args,
+    space_file,
+)
 
 pytestmark = pytest.mark.ray
 
 
 @pytest.fixture
 def space(tmp_path):
-    return space_file(tmp_path, SPACE)
+    return space_file(tmp_path, RUNNER_SPACE)
 
 
 @pytest.fixture(autouse=True)
@@ -42,7 +49,7 @@ def test_ray_runner_starts_its_own_cluster_and_finds_the_local_winner(tiny_folde
     assert theirs["config"]["runner"] == "ray"
 
     study = optuna.load_study(study_name=theirs["study"]["name"], storage=f"sqlite:///{tmp_path / 'ray/study.db'}")
-    _check_every_place_once(study.trials)
+    check_every_place_once(study.trials)
     # every stage a trial reported was evaluated by a Ray worker, each of which loaded each supernet once
     workers = theirs["workers"]
     assert sum(w["stages"] for w in workers.values()) == sum(len(t.intermediate_values) for t in study.trials)

@@ -18,18 +18,13 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from tests.conftest import run_cli, search_args, space_file
+from tests.conftest import RUNNER_SPACE, check_every_place_once, run_cli, search_args, space_file
 from tyrsearch.search.study import GENERATION, INDEX, ITERATION
-
-SPACE = ("family: llama\nunits:\n  q_heads: {min_keep: 0, step: 1}\n  mlp: {min_keep: 8, step: 8}\n"
-         "levels: 2\niterations: 2\ngenerations: 3\noffspring: 4\n"
-         "selection:\n  - {survivors: 4, tokens: 32}\n  - {survivors: 2, tokens: 64}\n  - {survivors: 1, tokens: 96}\n"
-         "fitness: {metric: kl, top_k: 16}\n")
 
 
 @pytest.fixture
 def space(tmp_path):
-    return space_file(tmp_path, SPACE)
+    return space_file(tmp_path, RUNNER_SPACE)
 
 
 @pytest.fixture
@@ -56,18 +51,6 @@ def _read(logs, name: str) -> str:
     return Path(f"{logs}-{name}").read_text()
 
 
-def _check_every_place_once(trials):
-    """Each planned (iteration, generation, index) has exactly one trial that counts, finished; no candidate
-    of an iteration was evaluated twice."""
-    counted = [t for t in trials if t.state != TrialState.FAIL]
-    places = [(t.system_attrs[ITERATION], t.system_attrs[GENERATION], t.system_attrs[INDEX]) for t in counted]
-    assert len(places) == len(set(places))
-    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in counted)
-    for k in {p[0] for p in places}:
-        params = [tuple(sorted(t.params.items())) for t in counted if t.system_attrs[ITERATION] == k]
-        assert len(params) == len(set(params))
-
-
 @pytest.mark.postgres
 def test_two_optuna_workers_on_postgres_find_the_local_winner(postgres_url, tiny_folder, text_file, space,
                                                               study_name,
@@ -83,7 +66,7 @@ def test_two_optuna_workers_on_postgres_find_the_local_winner(postgres_url, tiny
     assert theirs["study"]["trials"] == ours["study"]["trials"]  # same plan, nothing evaluated twice
     assert theirs["study"]["storage"].startswith("postgresql") and theirs["config"]["workers"] == 2
     study = optuna.load_study(study_name=study_name, storage=postgres_url)
-    _check_every_place_once(study.trials)
+    check_every_place_once(study.trials)
     assert all(t.user_attrs["tokens"] > 0 and "keeps" in t.user_attrs for t in study.trials)
     report = run_cli("report", "--storage", postgres_url, "--study", study_name, "--out", str(tmp_path / "r.html"))
     assert report.returncode == 0, report.stderr
@@ -157,7 +140,7 @@ def test_sigkill_of_a_worker_and_of_the_search_then_resume_loses_nothing(postgre
         retried = [t for t in study.trials if t.system_attrs.get("failed_trial") is not None
                    and (t.system_attrs[ITERATION], t.system_attrs[GENERATION], t.system_attrs[INDEX]) == place]
         assert retried and retried[-1].state in (TrialState.COMPLETE, TrialState.PRUNED)
-    _check_every_place_once(study.trials)
+    check_every_place_once(study.trials)
 
 
 @pytest.mark.postgres

@@ -10,7 +10,7 @@ import optuna
 import pytest
 import torch
 
-from tests.conftest import VOCAB, tiny_gemma3, tiny_llama
+from tests.conftest import SEARCH_SPACE, random_batches, tiny_gemma3, tiny_llama
 from tyrsearch import allocation, metrics
 from tyrsearch.errors import UserError
 from tyrsearch.local import make_criterion
@@ -22,21 +22,10 @@ from tyrsearch.search.driver import Search, SearchConfig, open_study
 from tyrsearch.search.samplers import EvolutionSampler, _Grid, param_name, repair
 from tyrsearch.search.selection import SelectionPruner
 from tyrsearch.search.study import GENERATION, ITERATION
-from tyrsearch.space import Fitness, SearchSpace, Stage, UnitSpace, Validation
+from tyrsearch.space import SearchSpace, UnitSpace, Validation
 from tyrsearch.supernet import Supernet, build_supernet
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
-
-SPACE = SearchSpace(family="llama", units={Q_HEADS: UnitSpace(min_keep=0, step=1), MLP: UnitSpace(min_keep=4, step=8)},
-                    levels=2, iterations=2, generations=3, offspring=6,
-                    selection=(Stage(survivors=6, tokens=24), Stage(survivors=3, tokens=48),
-                               Stage(survivors=1, tokens=96)),
-                    fitness=Fitness(top_k=16))
-
-
-def _batches(count: int, seed: int) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (count, 24), generator=torch.Generator().manual_seed(seed))
-
 
 def _random_levels(net, rng: random.Random):
     return [{unit: rng.randint(-net.levels, net.levels) for unit in units} for units in net.grid]
@@ -47,8 +36,9 @@ def test_cheap_evaluation_equals_the_full_forward_of_the_assembled_model(factory
     model = factory()
     shapes = adapter_for(model).shapes(model)
     centre = [s.with_units(Q_HEADS, max(1, s.q_per_kv - 1)).with_units(MLP, 40) for s in shapes]
-    net = build_supernet(model, make_criterion("osscar"), _batches(6, 1), space=SPACE, centre=centre, progress=False)
-    reference = metrics.dense_topk(model, _batches(4, 2), k=16, progress=False)
+    net = build_supernet(model, make_criterion("osscar"), random_batches(6, 1), space=SEARCH_SPACE, centre=centre,
+                         progress=False)
+    reference = metrics.dense_topk(model, random_batches(4, 2), k=16, progress=False)
     evaluator = CandidateEvaluator(model=model, supernet=net, reference=reference, batch_size=3)
     rng = random.Random(0)
     parent = _random_levels(net, rng)
@@ -65,9 +55,10 @@ def test_cheap_evaluation_equals_the_full_forward_of_the_assembled_model(factory
 def test_fitness_on_more_sequences_extends_the_known_score():
     model = tiny_llama()
     centre = [s.with_units(MLP, 40) for s in adapter_for(model).shapes(model)]
-    net = build_supernet(model, make_criterion("osscar"), _batches(6, 1), space=SPACE, centre=centre, progress=False)
+    net = build_supernet(model, make_criterion("osscar"), random_batches(6, 1), space=SEARCH_SPACE, centre=centre,
+                         progress=False)
     evaluator = CandidateEvaluator(model=model, supernet=net, reference=metrics.dense_topk(
-        model, _batches(4, 2), k=16, progress=False), batch_size=2)
+        model, random_batches(4, 2), k=16, progress=False), batch_size=2)
     levels = _random_levels(net, random.Random(1))
     few = evaluator.fitness(levels, 1)
     many = evaluator.fitness(levels, 4)
@@ -130,13 +121,13 @@ def test_selection_pruner_keeps_the_best_of_each_generation_at_each_step():
     assert not trials[(0, 0.3)].should_prune()  # the last step never prunes
 
 
-def _search(tmp_path, *, name="s", strategy="evolution", resume=False, space=SPACE, seed=0):
+def _search(tmp_path, *, name="s", strategy="evolution", resume=False, space=SEARCH_SPACE, seed=0):
     tmp_path.mkdir(parents=True, exist_ok=True)
     model = tiny_llama(layers=6)
     config = SearchConfig(target=0.4, strategy=strategy, seed=seed)
     study = open_study(storage=f"sqlite:///{tmp_path / 'study.db'}", study_name=name, space=space, config=config,
                        resume=resume)
-    return Search(model=model, calibration=_batches(8, 1), fitness_batches=_batches(4, 2), space=space,
+    return Search(model=model, calibration=random_batches(8, 1), fitness_batches=random_batches(4, 2), space=space,
                   config=config, study=study, supernet_dir=tmp_path / "supernets", progress=False)
 
 
@@ -149,7 +140,7 @@ def test_search_keeps_the_budget_and_is_deterministic(tmp_path):
     trials = first.study.trials
     assert [t.params for t in trials] == [t.params for t in again.study.trials]
     # every candidate of an iteration keeps the start's unit counts; the winner is the best complete trial
-    for k in range(SPACE.iterations):
+    for k in range(SEARCH_SPACE.iterations):
         record = schema.iteration_record(first.study, k)
         grid = _Grid.of(record)
         totals = grid.totals(record.start)
@@ -157,9 +148,9 @@ def test_search_keeps_the_budget_and_is_deterministic(tmp_path):
         assert all(grid.totals(t.params) == totals for t in ours)
         assert len({t.user_attrs["params"] for t in ours}) == 1  # the exact same parameter count
         assert len({tuple(sorted(t.params.items())) for t in ours}) == len(ours)  # no candidate twice
-        assert len(ours) == 1 + SPACE.generations * SPACE.offspring
+        assert len(ours) == 1 + SEARCH_SPACE.generations * SEARCH_SPACE.offspring
         states = [t.state for t in ours if t.system_attrs[GENERATION] > 0]
-        assert states.count(optuna.trial.TrialState.COMPLETE) == SPACE.generations  # one finalist each
+        assert states.count(optuna.trial.TrialState.COMPLETE) == SEARCH_SPACE.generations  # one finalist each
     assert result.fitness == min(t.value for t in trials if t.state == optuna.trial.TrialState.COMPLETE
                                 and t.system_attrs[ITERATION] == 1)
     # the winner's shapes are the next iteration's centre (its variants recalibrated around it)
@@ -203,7 +194,7 @@ def test_an_interrupted_search_resumes_to_the_same_winner(tmp_path, monkeypatch)
 
 @pytest.mark.parametrize("strategy", ["tpe", "cmaes"])
 def test_tpe_and_cmaes_keep_the_budget_too(tmp_path, strategy):
-    space = SearchSpace(**{**SPACE.__dict__, "iterations": 1, "generations": 2})
+    space = SearchSpace(**{**SEARCH_SPACE.__dict__, "iterations": 1, "generations": 2})
     search = _search(tmp_path, strategy=strategy, space=space)
     search.run()
     record = schema.iteration_record(search.study, 0)
@@ -212,10 +203,10 @@ def test_tpe_and_cmaes_keep_the_budget_too(tmp_path, strategy):
 
 
 def test_settings_must_match_to_resume_and_unreachable_targets_are_refused(tmp_path):
-    _search(tmp_path, space=SearchSpace(**{**SPACE.__dict__, "iterations": 1, "generations": 1}))
+    _search(tmp_path, space=SearchSpace(**{**SEARCH_SPACE.__dict__, "iterations": 1, "generations": 1}))
     with pytest.raises(UserError, match="other settings"):
         _search(tmp_path, resume=True, seed=1)
-    tight = SearchSpace(**{**SPACE.__dict__, "units": {MLP: UnitSpace(min_keep=60, step=8)}})
+    tight = SearchSpace(**{**SEARCH_SPACE.__dict__, "units": {MLP: UnitSpace(min_keep=60, step=8)}})
     with pytest.raises(UserError, match="cannot be reached"):
         _search(tmp_path / "tight", space=tight)
 
@@ -223,18 +214,18 @@ def test_settings_must_match_to_resume_and_unreachable_targets_are_refused(tmp_p
 def test_a_corrupt_cached_supernet_is_rebuilt_or_refused(tmp_path):
     search = _search(tmp_path)
     centre = allocation.uniform(search.dense, sparsity=0.4, dims=search.dims)
-    net = search.supernet(centre, SPACE)
+    net = search.supernet(centre, SEARCH_SPACE)
     folder = next((tmp_path / "supernets").iterdir())
     shard = next(folder.glob("*.safetensors"))
     shard.write_bytes(shard.read_bytes()[:-10])
-    rebuilt = search.supernet(centre, SPACE)
+    rebuilt = search.supernet(centre, SEARCH_SPACE)
     assert rebuilt.grid == net.grid and torch.equal(rebuilt.selection(0, MLP, 1).kept, net.selection(0, MLP, 1).kept)
     shard = next(folder.glob("*.safetensors"))
     shard.write_bytes(b"broken")
     strict = _search(tmp_path / "strict")
     strict.supernet_dir, strict.config = search.supernet_dir, SearchConfig(target=0.4, no_rebuild=True)
     with pytest.raises(UserError, match="corrupt"):
-        strict.supernet(centre, SPACE)
+        strict.supernet(centre, SEARCH_SPACE)
 
 
 def test_an_exhausted_neighbourhood_gives_fewer_offspring_and_then_none():
@@ -251,25 +242,26 @@ def test_an_exhausted_neighbourhood_gives_fewer_offspring_and_then_none():
 def test_ppl_fitness_is_the_perplexity_of_the_assembled_model():
     model = tiny_llama()
     centre = [s.with_units(MLP, 40) for s in adapter_for(model).shapes(model)]
-    net = build_supernet(model, make_criterion("osscar"), _batches(6, 1), space=SPACE, centre=centre, progress=False)
-    reference = metrics.dense_topk(model, _batches(4, 2), k=16, progress=False)
+    net = build_supernet(model, make_criterion("osscar"), random_batches(6, 1), space=SEARCH_SPACE, centre=centre,
+                         progress=False)
+    reference = metrics.dense_topk(model, random_batches(4, 2), k=16, progress=False)
     evaluator = CandidateEvaluator(model=model, supernet=net, reference=reference, metric="ppl", batch_size=2)
     levels = _random_levels(net, random.Random(2))
-    expected = metrics.perplexity(net.apply(copy.deepcopy(model), levels), _batches(4, 2), progress=False)["ppl"]
+    expected = metrics.perplexity(net.apply(copy.deepcopy(model), levels), random_batches(4, 2), progress=False)["ppl"]
     assert evaluator.fitness(levels, 4) == pytest.approx(expected, rel=1e-5)
 
 
 def test_validation_picks_each_iterations_winner_among_its_best_on_held_back_tokens(tmp_path):
-    space = replace(SPACE, validation=Validation(candidates=3, tokens=48))
+    space = replace(SEARCH_SPACE, validation=Validation(candidates=3, tokens=48))
     model = tiny_llama(layers=6)
     config = SearchConfig(target=0.4)
     study = open_study(storage=f"sqlite:///{tmp_path / 'study.db'}", study_name="v", space=space, config=config,
                        resume=False)
-    held_back = _batches(2, 3)
+    held_back = random_batches(2, 3)
     with pytest.raises(ValueError, match="held-back sequences"):
-        Search(model=model, calibration=_batches(8, 1), fitness_batches=_batches(4, 2), space=space, config=config,
-               study=study, supernet_dir=tmp_path / "supernets", progress=False)
-    search = Search(model=model, calibration=_batches(8, 1), fitness_batches=_batches(4, 2), space=space,
+        Search(model=model, calibration=random_batches(8, 1), fitness_batches=random_batches(4, 2), space=space,
+               config=config, study=study, supernet_dir=tmp_path / "supernets", progress=False)
+    search = Search(model=model, calibration=random_batches(8, 1), fitness_batches=random_batches(4, 2), space=space,
                     config=config, study=study, supernet_dir=tmp_path / "supernets", validation_batches=held_back,
                     progress=False)
     result = search.run()

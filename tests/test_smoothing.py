@@ -10,7 +10,7 @@ from tyrsearch.exporters.smoothing import gated_mlps, smooth_down_projections
 def _peaks(model, ids) -> list[torch.Tensor]:
     """Per gated MLP, each down_proj input channel's max |activation| [I] on ids."""
     peaks = []
-    hooks = [m.down_proj.register_forward_pre_hook(lambda _, args: peaks.append(args[0].abs().amax(dim=(0, 1))))
+    hooks = [m.down.register_forward_pre_hook(lambda _, args: peaks.append(args[0].abs().amax(dim=(0, 1))))
              for m in gated_mlps(model)]
     model(input_ids=ids)
     for hook in hooks:
@@ -24,8 +24,8 @@ def test_smoothing_keeps_the_logits_and_flattens_an_outlier_channel(make):
     ids = torch.randint(0, VOCAB, (4, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         for mlp in gated_mlps(model):  # an outlier channel 0, the function unchanged
-            mlp.up_proj.weight[0] *= 50
-            mlp.down_proj.weight[:, 0] /= 50
+            mlp.up.weight[0] *= 50
+            mlp.down.weight[:, 0] /= 50
         before = model(input_ids=ids).logits
         spread = [float(p.max() / p.median()) for p in _peaks(model, ids)]
         assert smooth_down_projections(model, ids, alpha=0.75, batch_size=2) == len(model.model.layers)

@@ -10,9 +10,16 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
 
-from tests.conftest import run_cli, tiny_llama
-from tests.test_moe_models import COMMON, MOE_FAMILIES, reload_without_tyrsearch, remove_experts, tiny_mixtral
-from tyrsearch.errors import UserError
+from tests.conftest import (
+    COMMON,
+    MOE_FAMILIES,
+    reload_without_tyrsearch,
+    remove_experts,
+    run_cli,
+    tiny_llama,
+    tiny_mixtral,
+)
+from tyrsearch.errors import ParameterError, UserError
 from tyrsearch.materialize import save_pruned
 from tyrsearch.models import adapter_for
 from tyrsearch.moe import stats as calibration
@@ -322,25 +329,26 @@ def test_trust_remote_code_reloads_stun_models_without_tyrsearch(batches, tmp_pa
 # -- errors ----------------------------------------------------------------------------------------------------
 
 
-BAD_CONFIGS = [
-    ({"experts_keep": 13, "sparsity": 0.5}, "cannot keep 13 experts: the model has 12"),
-    ({"experts_keep": 3, "sparsity": 0.5}, "at least 4 must stay"),
+BAD_CONFIGS = [  # the Python faces name the parameter (the CLI shows its flag: test_bad_stun_input_...)
+    ({"experts_keep": 13, "sparsity": 0.5}, "experts_keep is too high: cannot keep 13 experts: the model has 12"),
+    ({"experts_keep": 3, "sparsity": 0.5}, "experts_keep is too low: cannot keep 3 experts"),
     ({"experts_keep": 4, "method": "frequency", "sparsity": 0.6}, None),  # 2 + 2: fine
     ({"experts_keep": 5, "method": "random", "sparsity": 0.5}, None),
     ({"experts_keep": 0.5, "sparsity": 1.0}, "sparsity must be in [0, 1)"),
-    ({"experts_keep": 0.5, "sparsity": 0.1}, "below the expert stage's share"),
-    ({"experts_keep": 1.5, "sparsity": 0.5}, "as a share must be in (0, 1]"),
-    ({"experts_keep": 0.5, "sparsity": 0.5, "method": "lottery"}, "unknown --method 'lottery'"),
-    ({"experts_keep": 0.5, "sparsity": 0.5, "unstructured": "sparsegpt"}, "unknown unstructured stage"),
-    ({"experts_keep": 0.5, "sparsity": 0.5, "method": "frequency", "merge": True}, "needs --method stun"),
-    ({"experts_keep": 0.5, "sparsity": 0.5, "semi_structured": True}, "drop --sparsity"),
-    ({"experts_keep": 0.5, "semi_structured": True, "unstructured": "owl"}, "use --unstructured wanda"),
-    ({"experts_keep": 0.5}, "needs --sparsity"),
-    ({"experts_keep": 0.5, "sparsity": 0.5, "unstructured": "none"}, "drop --sparsity"),
-    ({"method": "none", "unstructured": "none"}, "prune nothing"),
-    ({"method": "none", "experts_keep": 0.5, "sparsity": 0.5}, "drop --experts-keep"),
-    ({"sparsity": 0.5}, "needs --experts-keep"),
-    ({"experts_keep": 0.5, "sparsity": 0.5, "router_weight": 2.0}, "--router-weight must be in [0, 1]"),
+    ({"experts_keep": 0.5, "sparsity": 0.1}, "sparsity 0.1 is below the expert stage's share"),
+    ({"experts_keep": 1.5, "sparsity": 0.5}, "experts_keep 1.5 as a share must be in (0, 1]"),
+    ({"experts_keep": "many", "sparsity": 0.5}, "experts_keep 'many' is neither a share"),
+    ({"experts_keep": 0.5, "sparsity": 0.5, "method": "lottery"}, "method 'lottery' is unknown"),
+    ({"experts_keep": 0.5, "sparsity": 0.5, "unstructured": "sparsegpt"}, "unstructured 'sparsegpt' is unknown"),
+    ({"experts_keep": 0.5, "sparsity": 0.5, "method": "frequency", "merge": True}, "merge averages"),
+    ({"experts_keep": 0.5, "sparsity": 0.5, "semi_structured": True}, "semi_structured fixes the unstructured"),
+    ({"experts_keep": 0.5, "semi_structured": True, "unstructured": "owl"}, "semi_structured prunes 2:4 by wanda"),
+    ({"experts_keep": 0.5}, "unstructured wanda needs sparsity"),
+    ({"experts_keep": 0.5, "sparsity": 0.5, "unstructured": "none"}, "unstructured none zeroes nothing"),
+    ({"method": "none", "unstructured": "none"}, "method none and unstructured none prune nothing"),
+    ({"method": "none", "experts_keep": 0.5, "sparsity": 0.5}, "method none keeps every expert: drop experts_keep"),
+    ({"sparsity": 0.5}, "method stun needs experts_keep"),
+    ({"experts_keep": 0.5, "sparsity": 0.5, "router_weight": 2.0}, "router_weight must be in [0, 1]"),
 ]
 
 
@@ -350,7 +358,7 @@ def test_bad_configurations_are_user_errors_before_any_work(fields, message):
     if message is None:
         assert check_config(model, StunConfig(**fields)).keep == fields["experts_keep"]
         return
-    with pytest.raises(UserError, match=re.escape(message)):
+    with pytest.raises(ParameterError, match="^" + re.escape(message)):
         check_config(model, StunConfig(**fields))
 
 
@@ -415,6 +423,9 @@ def test_stun_command_writes_a_model_that_reloads(stun_run):
     ({"--sparsity": "1.0"}, "--sparsity must be in [0, 1)"),
     ({"--sparsity": "0.05"}, "below the expert stage's share"),
     ({"--method": "frequency", "--merge": None}, "needs --method stun"),
+    ({"--method": "lottery"}, "--method 'lottery' is unknown"),
+    ({"--semi-structured": None}, "--semi-structured fixes the unstructured stage at 2:4 (50% of every matrix): drop "
+                                  "--sparsity"),
     ({"--model": "DENSE"}, "no Mixture-of-Experts layers"),
 ])
 def test_bad_stun_input_is_one_line_exit_2_and_writes_nothing(override, message, moe_folder, text_file, tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.test_assets_data import char_tokenizer, prose
+from tests.conftest import char_tokenizer, prose
 from tyrsearch import assets, data, texts
 from tyrsearch.errors import UserError
 

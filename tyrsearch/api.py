@@ -1,4 +1,6 @@
-"""tyrsearch's Python API: what the CLI, the benchmarks and notebooks call.
+"""tyrsearch's Python API: what the CLI, the benchmarks and notebooks call. `search`, `prune`, `evaluate` and
+`export` are here; the Mixture-of-Experts functions `stun`, `moefy` and `distill` are in `tyrsearch.moe.api`,
+re-exported here.
 
 Each function takes a model as the CLI's --model does (an alias such as `smollm2-135m`, an HF folder, a
 .gguf file) or an already loaded `PreTrainedModel` with its `tokenizer`, checks every parameter before the
@@ -36,29 +38,43 @@ class Loaded:
     ref: str  # what result.json calls the model
 
 
-def load(model: ModelRef, tokenizer: PreTrainedTokenizerBase | None = None) -> Loaded:
-    """A model reference loaded (in eval mode), or a loaded model passed through with its tokenizer."""
-    from tyrsearch import assets
+def reference(model: ModelRef) -> str:
+    """What result.json calls a model: the reference as given, or a loaded model's name_or_path (or type)."""
+    return str(model) if isinstance(model, str | Path) else model.config.name_or_path or model.config.model_type
 
+
+def load(model: ModelRef, tokenizer: PreTrainedTokenizerBase | None = None, *, device: str = "auto",
+         dtype: str = "auto") -> Loaded:
+    """A model reference loaded (in eval mode) on `device` in `dtype`, or a loaded model passed through with
+    its tokenizer: it stays where it is unless `device` or `dtype` says otherwise."""
+    from tyrsearch import assets
+    from tyrsearch.placement import placement
+
+    where = placement(device, dtype)
     if isinstance(model, str | Path):
-        loaded, loaded_tokenizer = assets.load_model(str(model))
-        return Loaded(loaded, tokenizer or loaded_tokenizer, str(model))
+        loaded, loaded_tokenizer = assets.load_model(str(model), dtype=where.dtype, device=where.device)
+        return Loaded(loaded, tokenizer or loaded_tokenizer, reference(model))
     if tokenizer is None:
         raise ParameterError("tokenizer", "is needed with a loaded model: pass its tokenizer too")
-    return Loaded(model.eval(), tokenizer, model.config.name_or_path or model.config.model_type)
+    moved = {**({"device": where.device} if device != "auto" else {}), **({"dtype": where.dtype} if dtype != "auto"
+                                                                        else {})}
+    return Loaded(model.to(**moved).eval() if moved else model.eval(), tokenizer, reference(model))
 
 
 def evaluate(model: ModelRef, *, tokenizer: PreTrainedTokenizerBase | None = None, text: str = "wiki-summaries",
              seq_len: int = 512, max_tokens: int = 65536, zero_shot: int = 0, batch_size: int = 4,
-             progress: bool = True) -> Evaluation:
+             device: str = "auto", dtype: str = "auto", progress: bool = True) -> Evaluation:
     """Perplexity on `max_tokens` of `text` (whole windows of `seq_len`) and, with `zero_shot=N`, acc and
-    acc_norm on N examples each of ARC-Easy, PIQA, HellaSwag and WinoGrande."""
+    acc_norm on N examples each of ARC-Easy, PIQA, HellaSwag and WinoGrande. `device` and `dtype` as in
+    `tyrsearch.placement` (auto: a GPU in bfloat16 where there is one, else the CPU in float32)."""
     from tyrsearch import data, metrics, texts
+    from tyrsearch.placement import placement, placement_of
 
+    placement(device, dtype)
     _check_at_least(seq_len=(seq_len, 2), max_tokens=(max_tokens, 2), batch_size=(batch_size, 1),
                     zero_shot=(zero_shot, 0))
     source = texts.read_text(text)
-    loaded = load(model, tokenizer)
+    loaded = load(model, tokenizer, device=device, dtype=dtype)
     batches = data.eval_batches(loaded.tokenizer, source, seq_len=seq_len, max_tokens=max_tokens)
     tic = time.perf_counter()
     ppl = metrics.perplexity(loaded.model, batches, batch_size=batch_size, progress=progress)
@@ -67,14 +83,15 @@ def evaluate(model: ModelRef, *, tokenizer: PreTrainedTokenizerBase | None = Non
         else None
     return Evaluation(model=loaded.ref, text=text, seq_len=seq_len, ppl=ppl["ppl"], tokens=ppl["tokens"],
                       params=metrics.total_params(loaded.model), decoder_params=metrics.decoder_params(loaded.model),
-                      time_s=elapsed, zero_shot=scores)
+                      time_s=elapsed, zero_shot=scores, placement=placement_of(loaded.model).to_json())
 
 
 def prune(model: ModelRef, *, sparsity: float, out: str | Path | None = None,
           tokenizer: PreTrainedTokenizerBase | None = None, criterion: str = "osscar", allocation: str = "uniform",
           attention_sparsity: float = 0.0, space: str | Path | None = None, sensitivity_seqs: int = 2,
           calib: str = DEFAULT_CALIB, calib_seqs: int = 64, seq_len: int = 512, sequential: bool = True,
-          seed: int = 0, overwrite: bool = False, progress: bool = True) -> PruneResult:
+          seed: int = 0, overwrite: bool = False, device: str = "auto", dtype: str = "auto",
+          progress: bool = True) -> PruneResult:
     """Prune one-shot to `sparsity` of the decoder layers' prunable parameters: a local `criterion` chooses
     the units, `allocation` (uniform, owl, knapsack) how many per layer. Saved to `out` when given (an HF
     folder with result.json; a loaded `model` is pruned in place)."""
@@ -83,11 +100,13 @@ def prune(model: ModelRef, *, sparsity: float, out: str | Path | None = None,
     from tyrsearch.local import make_criterion
     from tyrsearch.materialize import save_pruned
     from tyrsearch.models import adapter_for
+    from tyrsearch.placement import placement, placement_of
     from tyrsearch.pruner import OneShotConfig, one_shot
     from tyrsearch.search.knapsack import knapsack_prune
     from tyrsearch.space import load_space
 
     # everything a user can get wrong is checked before the model is loaded
+    placement(device, dtype)
     allocations.check_sparsity(sparsity)
     allocations.check_sparsity(attention_sparsity, parameter="attention_sparsity")
     make_criterion(criterion)
@@ -99,7 +118,7 @@ def prune(model: ModelRef, *, sparsity: float, out: str | Path | None = None,
         check_out_dir(Path(out), overwrite=overwrite)
     sources = [texts.read_text(name) for name in texts.mixture(calib)]
 
-    loaded = load(model, tokenizer)
+    loaded = load(model, tokenizer, device=device, dtype=dtype)
     tokens = [data.tokenize(loaded.tokenizer, text) for text in sources]  # once, for calibration and sensitivity
     batches = data.mixed_batches(loaded.tokenizer, tokens, seq_len=seq_len, count=calib_seqs, seed=seed)
     before = {"params": metrics.total_params(loaded.model), "decoder_params": metrics.decoder_params(loaded.model)}
@@ -119,6 +138,7 @@ def prune(model: ModelRef, *, sparsity: float, out: str | Path | None = None,
         "decoder_params_before": before["decoder_params"], "decoder_params_after": metrics.decoder_params(loaded.model),
         "calibration": {"source": calib, "sequences": calib_seqs, "seq_len": seq_len,
                         "tokens": int(batches.numel()), "seed": seed},
+        "placement": placement_of(loaded.model).to_json(),
         **report,
     }
     if out is not None:
@@ -132,14 +152,17 @@ def search(model: ModelRef, *, target: float, out: str | Path, tokenizer: PreTra
            calib: str = DEFAULT_CALIB, calib_seqs: int = 32, seq_len: int = 512, criterion: str = "osscar",
            strategy: str | None = None, start: str = "knapsack", sensitivity_seqs: int = 2,
            latency_seq_len: int = 128, storage: str | None = None, study_name: str | None = None,
-           runner: str = "local", workers: int = 1, worker_threads: int | None = None, address: str | None = None,
+           runner: str = "local", workers: int | None = None, worker_threads: int | None = None,
+           address: str | None = None,
            heartbeat: int = 10, seed: int = 0, resume: bool = False, supernet_dir: str | Path | None = None,
            no_rebuild: bool = False, eval_tokens: int = 0, eval_text: str = ",".join(HELD_OUT_DOMAINS),
-           progress: bool = True) -> SearchResult:
+           device: str = "auto", dtype: str = "auto", progress: bool = True) -> SearchResult:
     """Search how much to prune in each layer so that `target` of the dense model's `budget` (params, flops
     or latency) is removed: a coarse-to-fine evolution over a supernet, kept in an Optuna study (`storage`,
     default sqlite:///OUT/study.db; `resume=True` continues it). The winner is saved to OUT/model with
-    OUT/result.json and OUT/report.html; with `eval_tokens`, its perplexity on each `eval_text` too."""
+    OUT/result.json and OUT/report.html; with `eval_tokens`, its perplexity on each `eval_text` too. The
+    search process runs the model on `device` in `dtype`; workers evaluate in the same dtype on their own
+    device."""
     from tyrsearch.search.pipeline import SearchRequest, run_search
 
     request = SearchRequest(
@@ -149,7 +172,7 @@ def search(model: ModelRef, *, target: float, out: str | Path, tokenizer: PreTra
         sensitivity_seqs=sensitivity_seqs, latency_seq_len=latency_seq_len, storage=storage, study_name=study_name,
         runner=runner, workers=workers, worker_threads=worker_threads, address=address, heartbeat=heartbeat,
         seed=seed, resume=resume, supernet_dir=None if supernet_dir is None else Path(supernet_dir),
-        no_rebuild=no_rebuild, eval_tokens=eval_tokens, eval_text=eval_text)
+        no_rebuild=no_rebuild, eval_tokens=eval_tokens, eval_text=eval_text, device=device, dtype=dtype)
     return run_search(model, request, tokenizer=tokenizer, progress=progress)
 
 
@@ -191,3 +214,7 @@ def _check_at_least(**values: tuple[Any, int]) -> None:
     for name, (value, minimum) in values.items():
         if not isinstance(value, int) or value < minimum:
             raise ParameterError(name, f"must be an integer >= {minimum}, got {value!r}")
+
+
+# re-exported, and imported last: tyrsearch.moe.api uses the helpers above
+from tyrsearch.moe.api import distill, moefy, stun  # noqa: E402, F401

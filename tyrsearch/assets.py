@@ -221,6 +221,8 @@ def _convert_gguf(gguf: Path, dest: Path) -> None:
     """De-quantise a GGUF into a float32 safetensors folder at ``dest`` (built in a temp folder)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from tyrsearch.models import head_dim
+
     t0 = time.perf_counter()
     _log(f"converting {gguf} once to {dest} (GGUF de-quantisation is slow; later loads are fast)")
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
@@ -235,9 +237,7 @@ def _convert_gguf(gguf: Path, dest: Path) -> None:
         cfg = src.config.to_dict()
         cfg.pop("quantization_config", None)
         cfg.pop("_name_or_path", None)
-        cfg["head_dim"] = getattr(src.config, "head_dim", None) or (
-            src.config.hidden_size // src.config.num_attention_heads
-        )
+        cfg["head_dim"] = head_dim(src.config)
         config = type(src.config).from_dict(cfg)
         model = type(src)(config)
         model.load_state_dict(src.state_dict())
@@ -296,8 +296,10 @@ def resolve_model(ref: str) -> Path:
     return _converted(path.resolve())
 
 
-def load_model(ref: str, *, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load ``(model, tokenizer)`` for a reference (see ``resolve_model``); the model is in eval mode."""
+def load_model(ref: str, *, dtype: torch.dtype = torch.float32,
+               device: torch.device | str = "cpu") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load ``(model, tokenizer)`` for a reference (see ``resolve_model``) in ``dtype`` onto ``device`` (a GPU
+    receives the weights directly, without a copy in host memory); the model is in eval mode."""
     # Importing this module already ran tyrsearch/__init__, which registers tyrsearch's own config and
     # model classes with the Auto factories, so per-layer-shaped pruned folders load here too.
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -305,7 +307,8 @@ def load_model(ref: str, *, dtype: torch.dtype = torch.float32) -> tuple[PreTrai
     folder = resolve_model(ref)
     if not any((folder / name).exists() for name in _TOKENIZER_FILES):
         raise UserError(f"model folder {folder} has no tokenizer files: copy the tokenizer files into it")
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    on_gpu = torch.device(device).type != "cpu"
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **({"device_map": str(device)} if on_gpu else {}))
     tokenizer = AutoTokenizer.from_pretrained(folder)
     return model.eval(), tokenizer
 

@@ -4,6 +4,10 @@
 moves them forward one layer at a time. Between two steps the layer can be pruned, so layer l+1 is
 calibrated on what the pruned layers < l produce (sequential calibration), or on the dense outputs.
 This walks the model once in total, whatever the number of layers.
+
+A bfloat16 model is walked in bfloat16: walking it in float32 (each layer cast up while it runs) was
+measured and bought nothing (SmolLM2-135M, osscar, 30%, 16 x 512 calibration tokens: 97.8% of the MLP
+channels that float32 keeps either way); the statistics are summed in float64 all the same.
 """
 
 from __future__ import annotations
@@ -27,10 +31,13 @@ class InputStats:
     tokens: int = 0
 
     @classmethod
-    def empty(cls, dim: int) -> InputStats:
-        return cls(xtx=torch.zeros(dim, dim, dtype=torch.float64), x_sum=torch.zeros(dim, dtype=torch.float64))
+    def empty(cls, dim: int, device: torch.device | None = None) -> InputStats:
+        return cls(xtx=torch.zeros(dim, dim, dtype=torch.float64, device=device),
+                   x_sum=torch.zeros(dim, dtype=torch.float64, device=device))
 
     def add(self, x: torch.Tensor) -> None:
+        # float32 products of the bfloat16 / float16 / float32 activations, summed in float64: a bf16
+        # product would round each x_i x_j to 8 bits before the sum over thousands of tokens
         x = x.reshape(-1, x.shape[-1]).float()  # [tokens, D]
         self.xtx += (x.T @ x).double()
         self.x_sum += x.sum(0).double()
@@ -84,12 +91,12 @@ class LayerInputs:
 
     def _run_model(self, input_ids: torch.Tensor) -> None:
         with contextlib.suppress(_StopForward):
-            self.model(input_ids=input_ids, use_cache=False)
+            self.model(input_ids=input_ids.to(self.model.device), use_cache=False)
 
     @torch.no_grad()
     def collect(self, modules: dict[str, nn.Linear]) -> dict[str, InputStats]:
         """Run the current layer on every batch and return the input statistics of `modules`."""
-        stats = {name: InputStats.empty(module.in_features) for name, module in modules.items()}
+        stats = {name: InputStats.empty(module.in_features, module.weight.device) for name, module in modules.items()}
         handles = [module.register_forward_pre_hook(lambda m, args, s=stats[name]: s.add(args[0]))
                    for name, module in modules.items()]
         try:
@@ -130,6 +137,7 @@ def first_order_saliency(model: nn.Module, adapter: FamilyAdapter, batches: torc
     params = [dict(layer.named_parameters()) for layer in layers]
     model.zero_grad(set_to_none=True)
     for chunk in tqdm(batches.split(batch_size), desc="gradients", disable=not progress):
+        chunk = chunk.to(model.device)
         model(input_ids=chunk, labels=chunk, use_cache=False).loss.backward()
     saliency = [{name: (p.detach() * p.grad).detach() for name, p in layer_params.items() if p.grad is not None}
                 for layer_params in params]

@@ -101,12 +101,15 @@ def outlier_ratios(model: nn.Module, batches: torch.Tensor, *, batch_size: int =
     inputs = LayerInputs(model, adapter, batches, batch_size=batch_size)
     ratios = []
     for layer in adapter.layers(model):
-        attn, mlp = layer.self_attn, layer.mlp
-        stats = inputs.collect({"q": attn.q_proj, "o": attn.o_proj, "gate": mlp.gate_proj, "down": mlp.down_proj})
+        attn, mlp = adapter.attention(layer), adapter.mlp(layer)
+        if attn is None or mlp is None:
+            raise UserError("owl measures outliers of a dense model: this one has layers without attention or "
+                            "MLP (or routed experts); use --allocation uniform or knapsack")
+        stats = inputs.collect({"q": attn.q, "o": attn.o, "gate": mlp.gate, "down": mlp.down})
         norm = {k: s.xtx.diagonal().clamp_min(0).sqrt() for k, s in stats.items()}
-        pairs = [(attn.q_proj.weight, norm["q"]), (attn.k_proj.weight, norm["q"]), (attn.v_proj.weight, norm["q"]),
-                 (attn.o_proj.weight, norm["o"]), (mlp.gate_proj.weight, norm["gate"]),
-                 (mlp.up_proj.weight, norm["gate"]), (mlp.down_proj.weight, norm["down"])]
+        pairs = [(attn.q.weight, norm["q"]), (attn.k.weight, norm["q"]), (attn.v.weight, norm["q"]),
+                 (attn.o.weight, norm["o"]), (mlp.gate.weight, norm["gate"]), (mlp.up.weight, norm["gate"]),
+                 (mlp.down.weight, norm["down"])]
         ratios.append(allocation.outlier_ratio(pairs))
         inputs.advance(recompute=False)
     return ratios

@@ -21,22 +21,31 @@ class Evaluation:
     decoder_params: int
     time_s: float
     zero_shot: dict | None = None  # task -> {acc, acc_norm, n}
+    placement: dict | None = None  # {device, dtype} the model ran on
 
     def to_json(self) -> dict:
         out = {"ppl": self.ppl, "tokens": self.tokens, "params": self.params, "decoder_params": self.decoder_params,
                "model": self.model, "text": self.text, "seq_len": self.seq_len, "time_s": round(self.time_s, 3),
                "tokens_per_s": round(self.tokens / self.time_s, 1)}
+        out |= {"placement": self.placement} if self.placement is not None else {}
         return out | ({"zero_shot": self.zero_shot} if self.zero_shot is not None else {})
 
 
 @dataclass(frozen=True)
 class ModelResult:
-    """A pruned model and its figures (result.json)."""
+    """A model made by the API and its figures (result.json)."""
 
     figures: dict
     out: Path | None  # the saved HF folder (search: the run folder, the model in out/model)
-    model: Any = field(repr=False, compare=False)  # the pruned PreTrainedModel
+    model: Any = field(repr=False, compare=False)  # the PreTrainedModel made (pruned, moefied or trained)
     tokenizer: Any = field(repr=False, compare=False)
+
+    def to_json(self) -> dict:
+        return self.figures
+
+
+class PruneResult(ModelResult):
+    """A pruned model: one-shot (`prune`, `out` None when it was not saved) or STUN's experts and zeros (`stun`)."""
 
     @property
     def achieved_sparsity(self) -> float:
@@ -44,19 +53,31 @@ class ModelResult:
 
     @property
     def layers(self) -> list[dict]:
-        """Each layer's kept shape (num_attention_heads, num_key_value_heads, intermediate_size)."""
+        """Each layer's kept shape (num_attention_heads, num_key_value_heads, intermediate_size; `prune` and
+        `search`; `stun` reports its per-layer expert counts in figures["experts"] instead)."""
         return self.figures["layers"]
 
-    def to_json(self) -> dict:
-        return self.figures
 
-
-class PruneResult(ModelResult):
-    """A one-shot pruned model (`out` None when it was not saved)."""
-
-
-class SearchResult(ModelResult):
+class SearchResult(PruneResult):
     """A search's winner, saved in out/model (its figures are kept in the study too, for `tyrsearch report`)."""
+
+
+class MoefyResult(ModelResult):
+    """A dense model split into a Mixtral MoE (`moefy`), saved in `out`; `model` is the MoE."""
+
+    @property
+    def ppl_ratio(self) -> float | None:
+        """The MoE's held-out perplexity over the dense model's (None when not measured)."""
+        return self.figures.get("ppl_ratio")
+
+
+class DistillResult(ModelResult):
+    """A student trained towards its teacher (`distill`), saved in `out`; `model` is the trained student."""
+
+    @property
+    def ppl_ratio(self) -> float | None:
+        """The student's held-out perplexity over the teacher's after training (None when not measured)."""
+        return self.figures.get("ppl_ratio")
 
 
 @dataclass(frozen=True)

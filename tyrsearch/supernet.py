@@ -42,7 +42,8 @@ def fingerprint(tensors: list[torch.Tensor]) -> str:
     """sha256 over the bytes of `tensors` (model weights, calibration tokens)."""
     digest = hashlib.sha256()
     for t in tensors:
-        digest.update(t.detach().contiguous().cpu().numpy().tobytes())
+        raw = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)  # any dtype (numpy has no bfloat16)
+        digest.update(raw.numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -93,9 +94,9 @@ class Supernet:
                         sel = self.selection(idx, unit, level)
                         tensors[f"{keep}.kept"] = sel.kept.contiguous()
                         if sel.consumer is not None:
-                            tensors[f"{keep}.consumer"] = sel.consumer.float().contiguous()
+                            tensors[f"{keep}.consumer"] = sel.consumer.cpu().contiguous()
                         if sel.bias_shift is not None:
-                            tensors[f"{keep}.bias_shift"] = sel.bias_shift.float().contiguous()
+                            tensors[f"{keep}.bias_shift"] = sel.bias_shift.cpu().contiguous()
                     name = f"layer{idx:03d}.{unit}.safetensors"
                     save_file(tensors, tmp / name)
                     shards[name] = hashlib.sha256((tmp / name).read_bytes()).hexdigest()
@@ -155,6 +156,13 @@ def _coselection(layer: nn.Module | None) -> Iterator[_Counts]:
         handle.remove()
 
 
+def _in_dtype(selection: KeptUnits, dtype: torch.dtype) -> KeptUnits:
+    """A criterion's selection with its refit consumer and bias shift (solved in float64) in `dtype`: what
+    cutting casts them to anyway, so nothing is lost and a shard takes the model's bytes per weight."""
+    return replace(selection, consumer=None if selection.consumer is None else selection.consumer.to(dtype),
+                   bias_shift=None if selection.bias_shift is None else selection.bias_shift.to(dtype))
+
+
 def build_supernet(model: nn.Module, criterion: Criterion, batches: torch.Tensor, *, space: SearchSpace,
                    centre: list[LayerShape], expectation: bool = True, batch_size: int = 8,
                    progress: bool = True) -> Supernet:
@@ -166,6 +174,7 @@ def build_supernet(model: nn.Module, criterion: Criterion, batches: torch.Tensor
     dense_shapes = adapter.shapes(model)
     space.check_model(dense_shapes, adapter.unit_types)
     head_dim = adapter.head_dim(model)
+    dtype = next(model.parameters()).dtype  # variants are kept (and stored) in the model's dtype
     work = copy.deepcopy(model)  # cut in place to the centre as the build walks down the layers
     inputs = LayerInputs(work, adapter, batches, batch_size=batch_size)
     units = [u for u in adapter.unit_types if u in space.units]
@@ -192,7 +201,8 @@ def build_supernet(model: nn.Module, criterion: Criterion, batches: torch.Tensor
                 s = stats["attention" if unit in ATTENTION_UNITS else "mlp"]
                 group = replace(group, xtx=s.xtx, x_sum=s.x_sum, tokens=s.tokens)
             nonzero = [k for k in keeps if k]
-            by_keep = criterion.select_many(group, nonzero) if nonzero else {}
+            by_keep = {k: _in_dtype(sel, dtype) for k, sel in criterion.select_many(group, nonzero).items()} \
+                if nonzero else {}
             by_keep[0] = KeptUnits(kept=torch.zeros(0, dtype=torch.long))  # the block is removed
             for level, keep in zip(range(-space.levels, space.levels + 1), keeps, strict=True):
                 variants[(idx, unit, level)] = by_keep[keep]

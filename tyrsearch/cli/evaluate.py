@@ -16,6 +16,7 @@ from tyrsearch.cli import options
 @click.option("--zero-shot", "zero_shot", default=0, show_default=True, type=click.IntRange(min=0),
               help="also score N examples each of ARC-Easy, PIQA, HellaSwag, WinoGrande (0: skip)")
 @click.option("--batch-size", default=4, show_default=True, type=click.IntRange(min=1))
+@options.placement()
 @options.as_json()
 def eval_command(model_ref: str, as_json: bool, **settings) -> None:
     """Perplexity (and optionally zero-shot accuracy) of a model on a text."""

@@ -3,15 +3,11 @@ students alike)."""
 
 from __future__ import annotations
 
-import sys
-import time
 from pathlib import Path
 
 import click
 
-from tyrsearch.api import check_out_dir
 from tyrsearch.cli import options
-from tyrsearch.errors import UserError
 
 
 @click.command("stun")
@@ -36,40 +32,14 @@ from tyrsearch.errors import UserError
 @options.calibration(seqs=32, seqs_help="calibration sequences of --seq-len tokens (one forward pass over them)")
 @options.seed()
 @options.held_out(tokens=0)
+@options.placement()
 @options.as_json()
-def stun_command(model_ref: str, out_dir: Path, experts_keep: str | None, calib: str, calib_seqs: int, seq_len: int,
-                 eval_text: str, eval_tokens: int, as_json: bool, **settings) -> None:
+def stun_command(model_ref: str, out_dir: Path, as_json: bool, **settings) -> None:
     """STUN for Mixture-of-Experts models: remove whole experts (chosen by how alike they behave), then prune
     the rest unstructured (zeros in dense weights) to a total sparsity; save the model as an HF folder."""
-    from tyrsearch import assets, data, metrics, texts
-    from tyrsearch.materialize import save_pruned
-    from tyrsearch.moe.stun import StunConfig, check_config, parse_keep, stun_prune
+    from tyrsearch import api
 
-    config = StunConfig(experts_keep=parse_keep(experts_keep) if experts_keep is not None else None, **settings)
-    check_out_dir(out_dir, overwrite=False)
-    sources = [texts.read_text(source) for source in texts.mixture(calib)]
-    held_out = {name: texts.read_text(name) for name in texts.mixture(eval_text)} if eval_tokens else {}
-    model, tokenizer = assets.load_model(model_ref)
-    check_config(model, config)  # every other mistake, before the calibration pass
-    batches = data.mixed_batches(tokenizer, sources, seq_len=seq_len, count=calib_seqs, seed=config.seed)
-    before = {"params": metrics.total_params(model), "decoder_params": metrics.decoder_params(model)}
-    report = stun_prune(model, batches, config=config, progress=not as_json)
-    result = {
-        "model": model_ref, "out": str(out_dir),
-        "achieved_sparsity": report["sparsity"]["total"], "experts_kept": report["experts"]["total_kept"],
-        "params_before": before["params"], "params_after": metrics.total_params(model),
-        "decoder_params_before": before["decoder_params"], "decoder_params_after": metrics.decoder_params(model),
-        **report,
-        "calibration": {"source": calib, "seq_len": seq_len, "seed": config.seed, **report["calibration"]},
-    }
-    if held_out:
-        tic = time.perf_counter()
-        result["held_out"] = {name: metrics.perplexity(model, data.eval_batches(tokenizer, text, seq_len=seq_len,
-                                                                                 max_tokens=eval_tokens),
-                                                        progress=not as_json) for name, text in held_out.items()}
-        result["time_s"]["eval"] = time.perf_counter() - tic
-    save_pruned(model, tokenizer, out_dir, result=result)
-    options.emit(result, as_json)
+    options.emit(api.stun(model_ref, out=out_dir, progress=not as_json, **settings).to_json(), as_json)
 
 
 @click.command("moefy")
@@ -77,7 +47,7 @@ def stun_command(model_ref: str, out_dir: Path, experts_keep: str | None, calib:
 @click.option("--experts", required=True, type=int, help="experts per layer; each gets an equal share of MLP neurons")
 @click.option("--top-k", "top_k", required=True, type=int, help="experts active per token")
 @options.out_dir("folder for the Mixtral HF model and result.json")
-@click.option("--calibration", "--calib", "calib_source", default="c4", show_default=True, help=options.TEXT_HELP)
+@click.option("--calibration", "--calib", "calib", default="c4", show_default=True, help=options.TEXT_HELP)
 @click.option("--calibration-sequences", "--calib-seqs", "calib_seqs", default=64, show_default=True,
               type=click.IntRange(min=1), help="calibration sequences of --seq-len tokens")
 @options.seq_len()
@@ -87,46 +57,14 @@ def stun_command(model_ref: str, out_dir: Path, experts_keep: str | None, calib:
 @click.option("--eval-tokens", default=16384, show_default=True, type=click.IntRange(min=0),
               help="tokens of --eval-text on which both perplexities are measured (0: skip)")
 @options.overwrite()
+@options.placement()
 @options.as_json()
-def moefy_command(model_ref: str, experts: int, top_k: int, out_dir: Path, calib_source: str, calib_seqs: int,
-                  seq_len: int, seed: int, eval_text: str, eval_tokens: int, overwrite: bool, as_json: bool) -> None:
+def moefy_command(model_ref: str, out_dir: Path, as_json: bool, **settings) -> None:
     """Split each MLP of a dense Llama-family model into experts with a fitted router (MoEfication) and
     save the result as a Mixtral model; report its held-out perplexity next to the dense model's."""
-    from tyrsearch import assets, data, metrics, texts
-    from tyrsearch.moe import active_params, check_counts, check_moefiable, moefy, save_moe
+    from tyrsearch import api
 
-    # everything a user can get wrong is checked before the long work
-    check_counts(experts=experts, top_k=top_k)
-    check_out_dir(out_dir, overwrite=overwrite)
-    calib = texts.read_text(calib_source)
-    held_out = texts.read_text(eval_text) if eval_tokens else None
-    model, tokenizer = assets.load_model(model_ref)
-    check_moefiable(model.config, experts=experts, top_k=top_k)
-    batches = data.calibration_batches(tokenizer, calib, seq_len=seq_len, count=calib_seqs, seed=seed)
-    eval_batches = None
-    if held_out is not None:
-        eval_batches = data.eval_batches(tokenizer, held_out, seq_len=seq_len, max_tokens=eval_tokens)
-
-    start = time.perf_counter()
-    moe = moefy(model, batches, experts=experts, top_k=top_k, seed=seed)
-    result = {
-        "model": model_ref, "out": str(out_dir), "experts": experts, "top_k": top_k,
-        "params": metrics.total_params(moe), "active_params": active_params(moe),
-        "active_fraction": round(active_params(moe) / metrics.total_params(moe), 4),
-        "dense_params": metrics.total_params(model),
-        "calibration": {"source": calib_source, "sequences": calib_seqs, "seq_len": seq_len,
-                        "tokens": int(batches.numel()), "seed": seed},
-        "moefy_s": round(time.perf_counter() - start, 1),
-    }
-    if eval_batches is not None:
-        start = time.perf_counter()
-        dense_ppl = metrics.perplexity(model, eval_batches)["ppl"]
-        moe_eval = metrics.perplexity(moe, eval_batches)
-        result.update({"eval_text": eval_text, "eval_tokens": moe_eval["tokens"], "dense_ppl": dense_ppl,
-                       "moe_ppl": moe_eval["ppl"], "ppl_ratio": moe_eval["ppl"] / dense_ppl,
-                       "eval_s": round(time.perf_counter() - start, 1)})
-    save_moe(moe, tokenizer, out_dir, result=result)
-    options.emit(result, as_json)
+    options.emit(api.moefy(model_ref, out=out_dir, **settings).to_json(), as_json)
 
 
 @click.command("distill")
@@ -144,7 +82,7 @@ def moefy_command(model_ref: str, experts: int, top_k: int, out_dir: Path, calib
               help="softmax temperature of both distributions (the loss is scaled by its square)")
 @click.option("--train", default="mlp", show_default=True, type=click.Choice(["mlp", "all"]),
               help="mlp: only the MLP / MoE blocks (experts and routers) train; all: every weight")
-@click.option("--text", "text_source", default="c4", show_default=True, help=f"training text: {options.TEXT_HELP}")
+@click.option("--text", default="c4", show_default=True, help=f"training text: {options.TEXT_HELP}")
 @click.option("--save-every", default=50, show_default=True, type=click.IntRange(min=1),
               help="steps between checkpoints (a rerun resumes from the last)")
 @options.seed()
@@ -153,52 +91,16 @@ def moefy_command(model_ref: str, experts: int, top_k: int, out_dir: Path, calib
 @click.option("--eval-tokens", default=16384, show_default=True, type=click.IntRange(min=0),
               help="tokens of --eval-text (0: skip)")
 @click.option("--overwrite", is_flag=True, help="replace --out and drop OUT.checkpoints/ (start over)")
+@options.placement(what="the teacher (the student trains in float32 with this dtype's autocast)")
 @options.as_json()
-def distill_command(teacher_ref: str, student_ref: str, out_dir: Path, steps: int, batch_size: int, seq_len: int,
-                    lr: float, warmup: int, temperature: float, train: str, text_source: str, save_every: int,
-                    seed: int, eval_text: str, eval_tokens: int, overwrite: bool, as_json: bool) -> None:
+def distill_command(teacher_ref: str, student_ref: str, out_dir: Path, as_json: bool, **settings) -> None:
     """Train a moefied or pruned student to match its dense teacher's next-token distributions (KL), on
     --text, with checkpoints: interrupted, the same command resumes where it stopped."""
     import contextlib
-    import shutil
+    import sys
 
-    from tyrsearch import assets, data, metrics, texts
-    from tyrsearch.distill import DistillConfig, check_pair, check_resumable, distill, save_student
+    from tyrsearch import api
 
-    check_out_dir(out_dir, overwrite=overwrite)
-    checkpoints = out_dir.with_name(out_dir.name + ".checkpoints")
-    config = DistillConfig(steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, temperature=temperature,
-                           train=train, save_every=save_every, seed=seed)
-    student_dir = assets.resolve_model(student_ref)
-    settings = {"teacher": teacher_ref, "student": str(student_dir), "text": text_source, "seq_len": seq_len}
-    if not overwrite:
-        check_resumable(checkpoints, config, settings)  # before the long work, not after the first evaluations
-    text = texts.read_text(text_source)
-    held_out = texts.read_text(eval_text) if eval_tokens else None
-    teacher, tokenizer = assets.load_model(teacher_ref)
-    student, _ = assets.load_model(str(student_dir))
-    check_pair(teacher, student)
-    windows = data.eval_batches(tokenizer, text, seq_len=seq_len, max_tokens=len(text) + seq_len)  # all of it
-    if windows.shape[0] < batch_size:
-        raise UserError(f"--text {text_source} holds {windows.shape[0]} windows of {seq_len} tokens, fewer than "
-                        f"--batch-size {batch_size}: give more text or a smaller --seq-len / --batch-size")
-    if overwrite and checkpoints.exists():  # only once the input is known to be good
-        shutil.rmtree(checkpoints)
-    eval_batches = data.eval_batches(tokenizer, held_out, seq_len=seq_len, max_tokens=eval_tokens) if held_out else None
-    result = {"teacher": teacher_ref, "student": str(student_dir), "out": str(out_dir), "steps": steps,
-              "train_tokens": steps * batch_size * seq_len, "text": text_source, "text_windows": windows.shape[0]}
-    if eval_batches is not None:
-        result.update(eval_text=eval_text, teacher_ppl=metrics.perplexity(teacher, eval_batches)["ppl"],
-                      student_ppl_before=metrics.perplexity(student, eval_batches)["ppl"])
-    start = time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr):  # Trainer prints its logs; stdout carries only the result
-        history = distill(teacher, student, windows, checkpoints, config=config, settings=settings)
-    result["train_s"] = round(time.perf_counter() - start, 1)  # this run's share, when resumed
-    result["loss"] = [{"step": row["step"], "loss": row["loss"]} for row in history if "loss" in row]
-    if eval_batches is not None:
-        after = metrics.perplexity(student, eval_batches)["ppl"]
-        result.update(student_ppl=after, ppl_ratio_before=result["student_ppl_before"] / result["teacher_ppl"],
-                      ppl_ratio=after / result["teacher_ppl"])
-    save_student(student, student_dir, out_dir, result=result)
-    shutil.rmtree(checkpoints)
-    options.emit(result, as_json)
+        result = api.distill(teacher_ref, student_ref, out=out_dir, **settings)
+    options.emit(result.to_json(), as_json)

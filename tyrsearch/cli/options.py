@@ -89,6 +89,16 @@ def held_out(*, tokens: int, several: bool = True) -> Decorator:
                                help="tokens of each --eval-text on which perplexity is measured (0: skip)"))
 
 
+def placement(*, what: str = "the model") -> Decorator:
+    """--device and --dtype: where a command runs `what`, and in what precision."""
+    return _stack(click.option("--device", default="auto", show_default=True,
+                               help=f"where {what} runs: auto (a CUDA GPU when there is one, else the CPU), cpu, "
+                                    "cuda, cuda:N"),
+                  click.option("--dtype", default="auto", show_default=True,
+                               help="weights and forward passes: auto (bfloat16 on a GPU, float32 on the CPU), "
+                                    "bfloat16, float16, float32; statistics and solves stay in float64"))
+
+
 def storage(*, required: bool, help: str = STORAGE_HELP) -> Decorator:
     return click.option("--storage", envvar="OPTUNA_STORAGE", required=required, default=None, help=help)
 

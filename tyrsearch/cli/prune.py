@@ -30,6 +30,7 @@ from tyrsearch.cli import options
 @options.seed()
 @options.out_dir("folder for the pruned HF model and result.json")
 @options.overwrite()
+@options.placement()
 @options.as_json()
 def prune_command(model_ref: str, out_dir: Path, as_json: bool, **settings) -> None:
     """Prune a model one-shot with a local criterion and a layer allocation; save it as an HF folder."""

@@ -43,9 +43,9 @@ LATENCY_SEQ_HELP = "prefill tokens of the latency workload (batch 1, logits of t
 @click.option("--runner", default="local", show_default=True, type=click.Choice(RUNNERS),
               help="local: this process evaluates; optuna: worker processes sharing --storage evaluate; "
                    "ray: Ray Tune trials on a Ray cluster evaluate")
-@click.option("--workers", default=1, show_default=True, type=click.IntRange(min=0),
-              help="optuna: worker processes to spawn here (0: only those started with `tyrsearch worker`); "
-                   "ray: Tune trials at once")
+@click.option("--workers", default=None, type=click.IntRange(min=0),
+              help="optuna: worker processes to spawn here, one GPU each on a GPU machine (0: only those started "
+                   "with `tyrsearch worker`); ray: Tune trials at once (default: the GPU count, 1 without GPUs)")
 @click.option("--worker-threads", default=None, type=click.IntRange(min=1),
               help="optuna, ray: torch threads (ray: CPUs) per worker (default: cores / workers)")
 @click.option("--address", envvar="RAY_ADDRESS", default=None,
@@ -58,6 +58,7 @@ LATENCY_SEQ_HELP = "prefill tokens of the latency workload (batch 1, logits of t
               help="where supernets are cached and reused (default: the tyrsearch cache)")
 @click.option("--no-rebuild", is_flag=True, help="a corrupt cached supernet is an error instead of being rebuilt")
 @options.held_out(tokens=0)
+@options.placement(what="the search process's model (workers: `tyrsearch worker --device`)")
 @options.as_json()
 def search_command(model_ref: str, out_dir: Path, as_json: bool, **settings) -> None:
     """Search how much to prune in each layer (coarse-to-fine evolution over a supernet, an Optuna study),
@@ -75,17 +76,19 @@ def search_command(model_ref: str, out_dir: Path, as_json: bool, **settings) -> 
               help="seconds between heartbeats; a worker silent 3x as long has its trials retried by others")
 @click.option("--wait", default=60, show_default=True, type=click.IntRange(min=0),
               help="seconds to wait for the search to create the study")
+@click.option("--device", default="auto", show_default=True,
+              help="where this worker evaluates: auto, cpu, cuda, cuda:N (the dtype is the search's)")
 @options.quiet("no progress bar")
 @options.as_json()
-def worker_command(storage: str, study_name: str, threads: int | None, heartbeat: int, wait: int, quiet: bool,
-                   as_json: bool) -> None:
+def worker_command(storage: str, study_name: str, threads: int | None, heartbeat: int, wait: int, device: str,
+                   quiet: bool, as_json: bool) -> None:
     """Evaluate candidates of a search's study (started with `tyrsearch search --runner optuna`) until
     the search is done. Start as many as you like, on any machine that reaches the database and the
     model and supernet paths; rerun one that was killed and it carries on."""
     from tyrsearch.runners.optuna_workers import serve
 
     options.emit(serve(storage_url=storage, study_name=study_name, heartbeat_s=heartbeat, threads=threads,
-                       wait_s=wait, progress=not quiet), as_json)
+                       wait_s=wait, device=device, progress=not quiet), as_json)
 
 
 @click.command("dashboard")

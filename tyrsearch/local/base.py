@@ -45,8 +45,8 @@ class ScoreCriterion(Criterion):
 def top_per_block(scores: torch.Tensor, *, blocks: int, keep: int) -> torch.Tensor:
     """Indices of the `keep` best units of each of `blocks` consecutive runs, ascending."""
     per_block = scores.reshape(blocks, -1)  # [blocks, U / blocks]
-    best = per_block.topk(keep, dim=1).indices + torch.arange(blocks)[:, None] * per_block.shape[1]
-    return best.reshape(-1).sort().values
+    best = per_block.topk(keep, dim=1).indices.cpu() + torch.arange(blocks)[:, None] * per_block.shape[1]
+    return best.reshape(-1).sort().values  # unit indices live on the CPU, whatever device scored them
 
 
 def column_norms_sq(group: UnitGroup) -> torch.Tensor:

@@ -27,5 +27,5 @@ class Flap(ScoreCriterion):
         removed[kept] = False
         cols = group.columns(removed.nonzero().squeeze(1))
         consumer = group.consumer.reshape(group.consumer.shape[0], -1).double()  # [out, U * width]
-        bias = consumer[:, cols] @ (group.x_sum[cols] / group.tokens)  # [out]
+        bias = consumer[:, cols] @ (group.x_sum[cols].to(consumer.device) / group.tokens)  # [out]
         return KeptUnits(kept=kept, bias_shift=bias)

@@ -21,7 +21,7 @@ from tyrsearch.models import KeptUnits, UnitGroup
 
 def damped(h: torch.Tensor, damp: float) -> torch.Tensor:
     """H + damp * mean(diag H) * I: keeps the inverse finite when columns are (near) dead."""
-    return h + damp * h.diagonal().mean().clamp_min(1e-12) * torch.eye(h.shape[0], dtype=h.dtype)
+    return h + damp * h.diagonal().mean().clamp_min(1e-12) * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
 
 
 def least_squares_refit(weight: torch.Tensor, h: torch.Tensor, cols: torch.Tensor, *,
@@ -35,6 +35,7 @@ def least_squares_refit(weight: torch.Tensor, h: torch.Tensor, cols: torch.Tenso
 class Osscar(Criterion):
     name = "osscar"
     needs_stats = True
+    solve_dtype = torch.float64  # whatever the model's dtype: see the README's "Devices and precision"
 
     def __init__(self, *, rounds: int = 64, damp: float = 0.01):
         self.rounds = rounds
@@ -59,8 +60,8 @@ class Osscar(Criterion):
         removal is nested, so all levels of a layer cost about one selection."""
         units, blocks = group.units, group.blocks
         per_block = units // blocks
-        dense = group.consumer.reshape(group.consumer.shape[0], -1).double()  # [out, U * width]
-        h = group.xtx.double()
+        dense = group.consumer.reshape(group.consumer.shape[0], -1).to(self.solve_dtype)  # [out, U * width]
+        h = group.xtx.to(device=dense.device, dtype=self.solve_dtype)
         weight = dense.clone()
         h_inv = torch.linalg.inv(damped(h, self.damp))
         alive = torch.ones(units, dtype=torch.bool)
@@ -75,7 +76,7 @@ class Osscar(Criterion):
                 candidates = (alive & (quota > 0)[block_of]).nonzero().squeeze(1)
                 costs = self._removal_costs(weight, h_inv, group, candidates)
                 # cheapest first, at most `per_round`, never more from a block than its quota
-                ranked = candidates[costs.argsort()]
+                ranked = candidates[costs.argsort().cpu()]  # unit bookkeeping stays on the CPU
                 ranked_block = block_of[ranked]
                 one_hot = torch.nn.functional.one_hot(ranked_block, blocks)  # [C, blocks]
                 rank_in_block = (one_hot.cumsum(0) * one_hot).sum(1) - 1

@@ -9,10 +9,14 @@ from tyrsearch.models.base import (
     KV_GROUPS,
     MLP,
     Q_HEADS,
+    Attention,
+    Experts,
     FamilyAdapter,
+    GatedMLP,
     KeptUnits,
     LayerShape,
     UnitGroup,
+    head_dim,
 )
 from tyrsearch.models.gemma3 import Gemma3Adapter
 from tyrsearch.models.llama import LlamaAdapter
@@ -45,6 +49,7 @@ def adapter_for(model: nn.Module) -> FamilyAdapter:
 
 
 __all__ = [
-    "ADAPTERS", "ATTENTION_UNITS", "EXPERTS", "KV_GROUPS", "MLP", "Q_HEADS", "FamilyAdapter", "LayerShape",
-    "KeptUnits", "UnitGroup", "adapter_for", "base_model_type", "supported_model_types",
+    "ADAPTERS", "ATTENTION_UNITS", "EXPERTS", "KV_GROUPS", "MLP", "Q_HEADS", "Attention", "Experts",
+    "FamilyAdapter", "GatedMLP", "KeptUnits", "LayerShape", "UnitGroup", "adapter_for", "base_model_type",
+    "head_dim", "supported_model_types",
 ]

@@ -21,6 +21,7 @@ head_dim is never cut (RoPE rotates whole heads).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, ClassVar
 
@@ -79,6 +80,61 @@ class LayerShape:
         return block
 
 
+def head_dim(config) -> int:
+    """Channels per attention head: the config's, or hidden / heads where it has none (Qwen2-MoE, OLMoE)
+    or None (Mixtral)."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+@dataclass(frozen=True)
+class Attention:
+    """The linears of a kept attention block."""
+
+    q: nn.Linear  # [q_heads * head_dim, hidden]
+    k: nn.Linear  # [kv_heads * head_dim, hidden]
+    v: nn.Linear  # [kv_heads * head_dim, hidden]
+    o: nn.Linear  # [hidden, q_heads * head_dim]
+
+
+@dataclass(frozen=True)
+class GatedMLP:
+    """The linears of a kept dense MLP: down(act(gate x) * up x)."""
+
+    gate: nn.Linear  # [I, hidden]
+    up: nn.Linear  # [I, hidden]
+    down: nn.Linear  # [hidden, I]
+
+
+RoutingHook = Callable[[torch.Tensor, torch.Tensor], None]  # (hidden [T, H], top_k_index [T, k])
+
+
+@dataclass(frozen=True)
+class Experts:
+    """The routed experts of an MoE block, as fused parameters with one expert per row of dim 0."""
+
+    router: nn.Parameter  # [E, hidden]: one router row per expert
+    gate_up: nn.Parameter  # [E, 2I, hidden]: each expert's gate rows, then its up rows
+    down: nn.Parameter  # [E, hidden, I]
+    top_k: int  # experts per token
+    act_fn: Callable[[torch.Tensor], torch.Tensor]
+    module: nn.Module  # the fused experts module, called as experts(hidden, top_k_index, top_k_weights)
+
+    @property
+    def count(self) -> int:
+        return self.router.shape[0]
+
+    def on_routing(self, hook: RoutingHook):
+        """Call `hook` with every batch of tokens routed through the experts; returns the removable handle."""
+
+        def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            index = args[1] if len(args) > 1 else kwargs["top_k_index"]
+            hidden = hidden.reshape(-1, hidden.shape[-1])  # [T, H]
+            hook(hidden, index.reshape(hidden.shape[0], -1))  # [T, k]
+
+        return self.module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+
+
 @dataclass(frozen=True)
 class UnitGroup:
     """One unit type of one layer as a criterion sees it: plain tensors grouped by unit.
@@ -131,10 +187,7 @@ class FamilyAdapter:
         return model.model.layers
 
     def head_dim(self, model: nn.Module) -> int:
-        """Channels per attention head: the config's, or hidden / heads where it has none (Qwen2-MoE,
-        OLMoE) or None (Mixtral)."""
-        config = model.config
-        return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return head_dim(model.config)
 
     def dims(self, model: nn.Module) -> Dims:
         """The dense dimensions a layer's parameter count needs."""
@@ -147,6 +200,28 @@ class FamilyAdapter:
         logits = model.lm_head(model.model.norm(hidden))
         cap = getattr(model.config, "final_logit_softcapping", None)
         return torch.tanh(logits / cap) * cap if cap else logits
+
+    # -- the layer's weights by role: what statistics, OWL, STUN and smoothing read --------------------
+
+    def attention(self, layer: nn.Module) -> Attention | None:
+        """The attention linears, None where the block was removed."""
+        attn = layer.self_attn
+        return None if isinstance(attn, SkippedAttention) else Attention(attn.q_proj, attn.k_proj, attn.v_proj,
+                                                                         attn.o_proj)
+
+    def mlp(self, layer: nn.Module) -> GatedMLP | None:
+        """The dense MLP's linears, None where the block was removed (or is routed experts)."""
+        mlp = layer.mlp
+        return None if isinstance(mlp, SkippedMLP) else GatedMLP(mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+
+    def gated_mlps(self, layer: nn.Module) -> list[GatedMLP]:
+        """Every dense gated MLP a token passes through in the layer (an MoE layer's shared expert too)."""
+        mlp = self.mlp(layer)
+        return [mlp] if mlp is not None else []
+
+    def experts(self, layer: nn.Module) -> Experts | None:
+        """The routed experts, None in a layer without them."""
+        return None
 
     def shape(self, layer: nn.Module) -> LayerShape:
         kv, q_per_kv = self._attention_units(layer.self_attn)
@@ -213,11 +288,12 @@ class FamilyAdapter:
             if f"{name}.bias" in tensors:
                 out[f"{name}.bias"] = tensors[f"{name}.bias"][idx].contiguous()
         cols = (kept[:, None] * width + torch.arange(width)).reshape(-1)
-        new_consumer = selection.consumer if selection.consumer is not None else tensors[f"{consumer}.weight"][:, cols]
-        out[f"{consumer}.weight"] = new_consumer.to(tensors[f"{consumer}.weight"].dtype).contiguous()
+        old = tensors[f"{consumer}.weight"]
+        new_consumer = selection.consumer if selection.consumer is not None else old[:, cols]
+        out[f"{consumer}.weight"] = new_consumer.to(device=old.device, dtype=old.dtype).contiguous()
         if selection.bias_shift is not None:
-            bias = tensors.get(f"{consumer}.bias", torch.zeros(new_consumer.shape[0]))
-            out[f"{consumer}.bias"] = (bias.double() + selection.bias_shift).to(out[f"{consumer}.weight"].dtype)
+            bias = tensors.get(f"{consumer}.bias", old.new_zeros(old.shape[0]))
+            out[f"{consumer}.bias"] = (bias.double() + selection.bias_shift.to(bias.device)).to(old.dtype)
         new_shape = shape.with_units(unit_type, keep)
         if new_shape.units(unit_type) == 0:
             prefix = "self_attn." if unit_type in ATTENTION_UNITS else "mlp."

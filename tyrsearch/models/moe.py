@@ -21,7 +21,18 @@ import torch
 from torch import nn
 
 from tyrsearch.errors import UserError
-from tyrsearch.models.base import ATTENTION_UNITS, EXPERTS, KV_GROUPS, MLP, Q_HEADS, KeptUnits, LayerShape, UnitGroup
+from tyrsearch.models.base import (
+    ATTENTION_UNITS,
+    EXPERTS,
+    KV_GROUPS,
+    MLP,
+    Q_HEADS,
+    Experts,
+    GatedMLP,
+    KeptUnits,
+    LayerShape,
+    UnitGroup,
+)
 from tyrsearch.models.llama import LlamaAdapter
 
 ROUTER = "mlp.gate.weight"
@@ -46,6 +57,23 @@ class MoEAdapter(LlamaAdapter):
     unit_types = (KV_GROUPS, Q_HEADS, EXPERTS)
     not_prunable = {MLP: "MoE experts keep their intermediate channels: prune whole experts instead"}
     search_space = "moe"  # per-layer expert counts (STUN picks the experts of each count)
+
+    def mlp(self, layer: nn.Module) -> GatedMLP | None:
+        return None if is_moe_block(layer.mlp) else super().mlp(layer)
+
+    def gated_mlps(self, layer: nn.Module) -> list[GatedMLP]:
+        shared = getattr(layer.mlp, "shared_expert", None)  # Qwen2-MoE: every token, beside the routed ones
+        if shared is None:
+            return super().gated_mlps(layer)
+        return [*super().gated_mlps(layer), GatedMLP(shared.gate_proj, shared.up_proj, shared.down_proj)]
+
+    def experts(self, layer: nn.Module) -> Experts | None:
+        block = layer.mlp
+        if not is_moe_block(block):
+            return None
+        fused = block.experts
+        return Experts(router=block.gate.weight, gate_up=fused.gate_up_proj, down=fused.down_proj,
+                       top_k=block.gate.top_k, act_fn=fused.act_fn, module=fused)
 
     def shape(self, layer: nn.Module) -> LayerShape:
         if not is_moe_block(layer.mlp):  # a dense layer (Qwen2-MoE's mlp_only_layers)

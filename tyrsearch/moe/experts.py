@@ -43,7 +43,7 @@ from typing import ClassVar
 
 import torch
 
-from tyrsearch.errors import UserError
+from tyrsearch.errors import ParameterError, UserError, mention
 
 # relative slack under which two centroid distances count as equal (2-expert clusters: equal up to rounding)
 _TIE = 1e-9
@@ -95,15 +95,20 @@ class ExpertSelector(ABC):
     def select(self, layers: list[ExpertLayer], keep: int) -> ExpertPlan:
         """Keep `keep` experts in total over `layers`, at least top-k in each (checked by `check_keep`)."""
 
+    def check(self, top_k: list[int]) -> None:  # noqa: B027 (most methods work with any routing)
+        """Raise a ParameterError, before any work, if the method cannot choose with this routing (top-k of
+        each MoE layer)."""
+
 
 def check_keep(experts: list[int], top_k: list[int], keep: int) -> None:
     """A global expert count that every method can meet: between sum(top-k) and all experts."""
     if keep > sum(experts):
-        raise UserError(f"cannot keep {keep} experts: the model has {sum(experts)} routed experts in "
-                        f"{len(experts)} MoE layers; lower --experts-keep")
+        raise ParameterError("experts_keep", f"is too high: cannot keep {keep} experts: the model has {sum(experts)} "
+                                             f"routed experts in {len(experts)} MoE layers")
     if keep < sum(top_k):
-        raise UserError(f"cannot keep {keep} experts: every token is routed to top-k experts in each MoE layer, "
-                        f"so at least {sum(top_k)} must stay ({', '.join(map(str, top_k))} per layer)")
+        raise ParameterError("experts_keep", f"is too low: cannot keep {keep} experts: every token is routed to top-k "
+                                             f"experts in each MoE layer, so at least {sum(top_k)} must stay "
+                                             f"({', '.join(map(str, top_k))} per layer)")
 
 
 def proportional_counts(experts: list[int], top_k: list[int], keep: int) -> list[int]:
@@ -116,8 +121,9 @@ def proportional_counts(experts: list[int], top_k: list[int], keep: int) -> list
         counts[i] += 1
     for i, (count, k) in enumerate(zip(counts, top_k, strict=True)):
         if count < k:
-            raise UserError(f"keeping {keep} experts in proportion leaves MoE layer {i} with {count}, fewer than "
-                            f"its top-k ({k}); raise --experts-keep to at least {k / experts[i]:.3f} of the experts")
+            raise ParameterError("experts_keep", f"is too low: keeping {keep} experts in proportion leaves MoE layer "
+                                                 f"{i} with {count}, fewer than its top-k ({k}); raise it to at least "
+                                                 f"{k / experts[i]:.3f} of the experts")
     return counts
 
 
@@ -247,14 +253,18 @@ class StunExperts(ExpertSelector):
 
     def __init__(self, *, router_weight: float = 0.0):
         if not 0 <= router_weight <= 1:
-            raise UserError(f"--router-weight must be in [0, 1], got {router_weight}: it mixes the router-row "
-                            "distance into the co-selection distance")
+            raise ParameterError("router_weight", f"must be in [0, 1], got {router_weight}: it mixes the router-row "
+                                                  "distance into the co-selection distance")
         self.router_weight = router_weight
 
+    def check(self, top_k: list[int]) -> None:
+        if self.router_weight == 0 and 1 in top_k:
+            raise ParameterError("router_weight", "0 cannot tell experts apart with top-1 routing (no two are ever "
+                                                  f"co-selected): give {mention('router_weight')} > 0 so that the "
+                                                  "router rows do")
+
     def select(self, layers: list[ExpertLayer], keep: int) -> ExpertPlan:
-        if self.router_weight == 0 and any(x.top_k == 1 for x in layers):
-            raise UserError("with top-1 routing no two experts are ever co-selected: give --router-weight > 0 "
-                            "so that the router rows tell the experts apart")
+        self.check([x.top_k for x in layers])
         dendrograms = [complete_linkage(expert_distance(x, router_weight=self.router_weight), min_clusters=x.top_k)
                        for x in layers]
         needed = sum(x.experts for x in layers) - keep

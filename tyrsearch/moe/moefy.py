@@ -45,8 +45,8 @@ from transformers import MixtralConfig, MixtralForCausalLM
 
 from tyrsearch.atomic import atomic_folder
 from tyrsearch.calibration import LayerInputs
-from tyrsearch.errors import UserError
-from tyrsearch.models import adapter_for
+from tyrsearch.errors import ParameterError, UserError, mention
+from tyrsearch.models import GatedMLP, adapter_for, head_dim
 
 # Plain pre-norm decoders whose attention and MLP Mixtral reproduces exactly.
 MOEFIABLE_TYPES = ("llama", "mistral")
@@ -67,11 +67,14 @@ class MoefyConfig:
 
 
 def check_counts(*, experts: int, top_k: int) -> None:
-    """Raise a UserError unless ``experts`` experts with ``top_k`` active per token make a mixture."""
+    """Raise a ParameterError unless ``experts`` experts with ``top_k`` active per token make a mixture."""
+    for name, value in (("experts", experts), ("top_k", top_k)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ParameterError(name, f"must be an integer, got {value!r}")
     if experts < 2:
-        raise UserError(f"--experts {experts}: a mixture needs at least 2 experts")
+        raise ParameterError("experts", f"{experts}: a mixture needs at least 2 experts")
     if not 1 <= top_k <= experts:
-        raise UserError(f"--top-k {top_k} must be between 1 and --experts ({experts})")
+        raise ParameterError("top_k", f"{top_k} must be between 1 and {mention('experts')} ({experts})")
 
 
 def check_moefiable(config, *, experts: int, top_k: int) -> None:
@@ -86,14 +89,14 @@ def check_moefiable(config, *, experts: int, top_k: int) -> None:
         raise UserError("moefy needs a gated SiLU MLP and attention without biases, as Mixtral has; "
                         f"this model has hidden_act={config.hidden_act!r} or biases")
     if config.intermediate_size % experts:
-        raise UserError(f"the MLP has {config.intermediate_size} neurons, not divisible into {experts} equal "
-                        "experts: choose an --experts that divides it")
+        raise ParameterError("experts", f"{experts} does not fit: the MLP has {config.intermediate_size} neurons, not "
+                                        f"divisible into {experts} equal experts; choose a divisor of "
+                                        f"{config.intermediate_size}")
 
 
 def mixtral_config(config, *, experts: int, top_k: int) -> MixtralConfig:
     """A Mixtral config with the dense model's attention, norms, RoPE and vocabulary, and E experts of
     intermediate_size / E neurons each."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return MixtralConfig(
         vocab_size=config.vocab_size,
         hidden_size=config.hidden_size,
@@ -101,7 +104,7 @@ def mixtral_config(config, *, experts: int, top_k: int) -> MixtralConfig:
         num_hidden_layers=config.num_hidden_layers,
         num_attention_heads=config.num_attention_heads,
         num_key_value_heads=config.num_key_value_heads,
-        head_dim=head_dim,
+        head_dim=head_dim(config),
         hidden_act=config.hidden_act,
         max_position_embeddings=config.max_position_embeddings,
         initializer_range=config.initializer_range,
@@ -264,9 +267,9 @@ def _tokens(hidden: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([h.reshape(-1, h.shape[-1]) for h in hidden])
 
 
-def gated_activations(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def gated_activations(mlp: GatedMLP, x: torch.Tensor) -> torch.Tensor:
     """The MLP's neuron activations silu(gate x) * up x [T, I] for its inputs x [T, H]."""
-    return F.silu(x @ mlp.gate_proj.weight.T) * (x @ mlp.up_proj.weight.T)
+    return F.silu(x @ mlp.gate.weight.T) * (x @ mlp.up.weight.T)
 
 
 def expert_order(acts: torch.Tensor, *, experts: int, options: MoefyConfig, seed: int) -> torch.Tensor:
@@ -287,11 +290,11 @@ def expert_scores(acts: torch.Tensor, down: torch.Tensor, experts: int) -> torch
 
 
 @torch.no_grad()
-def _moefy_layer(mlp: nn.Module, block: nn.Module, x: torch.Tensor, target: torch.Tensor, *, experts: int,
+def _moefy_layer(mlp: GatedMLP, block: nn.Module, x: torch.Tensor, target: torch.Tensor, *, experts: int,
                  top_k: int, options: MoefyConfig, seed: int) -> None:
     """Fill the Mixtral block (router and experts) from the dense ``mlp``. x [T, H]: the MLP's calibration
     inputs; target [T, H]: what the block's output is refit to."""
-    gate, up, down = mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight  # [I, H], [I, H], [H, I]
+    gate, up, down = mlp.gate.weight, mlp.up.weight, mlp.down.weight  # [I, H], [I, H], [H, I]
     acts = gated_activations(mlp, x)
     size = acts.shape[1] // experts
     order = expert_order(acts, experts=experts, options=options, seed=seed)
@@ -361,7 +364,7 @@ def moefy(model: nn.Module, calibration_batches: torch.Tensor, *, experts: int, 
             gap = _tokens(dense_walker.hidden) - _tokens(walker.hidden)  # [T, H]: dense minus MoE hidden states
             target = y + options.correct * gap
         block = moe_layers[index].mlp
-        _moefy_layer(dense_layers[index].mlp, block, x, target, experts=experts, top_k=top_k, options=options,
+        _moefy_layer(adapter.mlp(dense_layers[index]), block, x, target, experts=experts, top_k=top_k, options=options,
                      seed=seed + index)
         # The MLP's output is added to the residual stream, so the MoE layer's output is the dense
         # layer's plus (moe(x) - y): no second pass through the attention.

@@ -22,9 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from tyrsearch.modeling import SkippedAttention, SkippedMLP
-from tyrsearch.models import FamilyAdapter
-from tyrsearch.models.moe import is_moe_block
+from tyrsearch.models import Experts, FamilyAdapter
 
 # keys of LayerStats.sq_sums
 ATTENTION_IN, O_IN = "attention_in", "o_proj_in"  # [hidden], [q_heads * head_dim]
@@ -73,26 +71,25 @@ class _Recorder:
     def linear_hook(self, key: str):
         return lambda module, args: self.add(key, args[0])
 
-    def experts_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        """Pre-hook of a fused experts module, called as experts(hidden [T, H], top_k_index [T, k], weights)."""
-        hidden = args[0] if args else kwargs["hidden_states"]
-        index = args[1] if len(args) > 1 else kwargs["top_k_index"]
-        experts = module.gate_up_proj.shape[0]
-        hidden = hidden.reshape(-1, hidden.shape[-1])
-        index = index.reshape(hidden.shape[0], -1)
-        counts = co_selection(index, experts)
-        self.stats.co_selection = counts if self.stats.co_selection is None else self.stats.co_selection + counts
-        self.stats.tokens += hidden.shape[0]
-        x_sums = hidden.new_zeros(experts, hidden.shape[1], dtype=torch.float64)
-        mid_sums = hidden.new_zeros(experts, module.down_proj.shape[2], dtype=torch.float64)
-        for e in range(experts):
-            x = hidden[(index == e).any(-1)]  # [tokens routed to e, H]
-            if len(x):
-                gate, up = F.linear(x, module.gate_up_proj[e]).chunk(2, dim=-1)  # gate rows, then up rows
-                x_sums[e] = x.double().pow(2).sum(0)
-                mid_sums[e] = (module.act_fn(gate) * up).double().pow(2).sum(0)
-        for key, sums in ((EXPERT_IN, x_sums), (EXPERT_MID, mid_sums)):
-            self.stats.sq_sums[key] = self.stats.sq_sums[key] + sums if key in self.stats.sq_sums else sums
+    def routing_hook(self, experts: Experts):
+        """Counts co-selections and the routed tokens' input and intermediate sums per expert."""
+
+        def record(hidden: torch.Tensor, index: torch.Tensor) -> None:  # [T, H], [T, k]
+            counts = co_selection(index, experts.count)
+            self.stats.co_selection = counts if self.stats.co_selection is None else self.stats.co_selection + counts
+            self.stats.tokens += hidden.shape[0]
+            x_sums = hidden.new_zeros(experts.count, hidden.shape[1], dtype=torch.float64)
+            mid_sums = hidden.new_zeros(experts.count, experts.down.shape[2], dtype=torch.float64)
+            for e in range(experts.count):
+                x = hidden[(index == e).any(-1)]  # [tokens routed to e, H]
+                if len(x):
+                    gate, up = F.linear(x, experts.gate_up[e]).chunk(2, dim=-1)  # gate rows, then up rows
+                    x_sums[e] = x.double().pow(2).sum(0)
+                    mid_sums[e] = (experts.act_fn(gate) * up).double().pow(2).sum(0)
+            for key, sums in ((EXPERT_IN, x_sums), (EXPERT_MID, mid_sums)):
+                self.stats.sq_sums[key] = self.stats.sq_sums[key] + sums if key in self.stats.sq_sums else sums
+
+        return record
 
 
 @torch.no_grad()
@@ -103,19 +100,20 @@ def collect(model: nn.Module, adapter: FamilyAdapter, batches: torch.Tensor, *,
     handles = []
     for layer, layer_stats in zip(adapter.layers(model), stats, strict=True):
         recorder = _Recorder(layer_stats)
-        attn, mlp = layer.self_attn, layer.mlp
-        if not isinstance(attn, SkippedAttention):
-            handles.append(attn.q_proj.register_forward_pre_hook(recorder.linear_hook(ATTENTION_IN)))
-            handles.append(attn.o_proj.register_forward_pre_hook(recorder.linear_hook(O_IN)))
-        if is_moe_block(mlp):
-            handles.append(mlp.experts.register_forward_pre_hook(recorder.experts_hook, with_kwargs=True))
-        elif not isinstance(mlp, SkippedMLP):
-            handles.append(mlp.gate_proj.register_forward_pre_hook(recorder.linear_hook(MLP_IN)))
-            handles.append(mlp.down_proj.register_forward_pre_hook(recorder.linear_hook(MLP_MID)))
+        attn, mlp, experts = adapter.attention(layer), adapter.mlp(layer), adapter.experts(layer)
+        if attn is not None:
+            handles.append(attn.q.register_forward_pre_hook(recorder.linear_hook(ATTENTION_IN)))
+            handles.append(attn.o.register_forward_pre_hook(recorder.linear_hook(O_IN)))
+        if experts is not None:
+            handles.append(experts.on_routing(recorder.routing_hook(experts)))
+        elif mlp is not None:
+            handles.append(mlp.gate.register_forward_pre_hook(recorder.linear_hook(MLP_IN)))
+            handles.append(mlp.down.register_forward_pre_hook(recorder.linear_hook(MLP_MID)))
     calls = 0
     try:
         for chunk in tqdm(batches.split(batch_size), desc="calibration", disable=not progress):
-            model(input_ids=chunk, use_cache=False, logits_to_keep=1)  # the hooks need no LM head output
+            # the hooks need no LM head output
+            model(input_ids=chunk.to(model.device), use_cache=False, logits_to_keep=1)
             calls += 1
     finally:
         for handle in handles:

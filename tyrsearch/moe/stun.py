@@ -36,13 +36,11 @@ import torch
 from torch import nn
 
 from tyrsearch.allocation import check_sparsity
-from tyrsearch.errors import UserError
-from tyrsearch.modeling import SkippedAttention, SkippedMLP
-from tyrsearch.models import EXPERTS, KeptUnits, adapter_for
-from tyrsearch.models.moe import is_moe_block
+from tyrsearch.errors import ParameterError, UserError, mention
+from tyrsearch.models import EXPERTS, Experts, FamilyAdapter, KeptUnits, adapter_for
 from tyrsearch.moe import stats as calibration
 from tyrsearch.moe.experts import ExpertLayer, KeptExperts, check_keep, make_selector, proportional_counts
-from tyrsearch.moe.unstructured import Matrix, make_stage, prune_
+from tyrsearch.moe.unstructured import STAGES, Matrix, make_stage, prune_
 
 METHODS = ("stun", "frequency", "random", "none")
 SEMI_STRUCTURED_SPARSITY = 0.5  # 2:4
@@ -65,37 +63,44 @@ class StunConfig:
 
 
 def parse_keep(text: str) -> float | int:
-    """--experts-keep: a number with a decimal point is a share of the experts (0.75), else a count (24)."""
+    """experts_keep as text: a number with a decimal point is a share of the experts (0.75), else a count (24)."""
     try:
         return float(text) if any(c in text for c in ".eE") else int(text)
     except ValueError:
-        raise UserError(f"--experts-keep {text!r} is neither a share (0.75) nor a count of experts (24)") from None
+        raise ParameterError("experts_keep", f"{text!r} is neither a share (0.75) nor a count of experts (24)") \
+            from None
 
 
 def moe_layers(model: nn.Module) -> list[int]:
     """Indices of the decoder layers whose MLP is a routed Mixture-of-Experts block."""
-    return [i for i, layer in enumerate(adapter_for(model).layers(model)) if is_moe_block(layer.mlp)]
+    adapter = adapter_for(model)
+    return [i for i, layer in enumerate(adapter.layers(model)) if adapter.experts(layer) is not None]
 
 
-def counted_weights(layer: nn.Module) -> list[torch.Tensor]:
+def counted_weights(adapter: FamilyAdapter, layer: nn.Module) -> list[torch.Tensor]:
     """The weights of one decoder layer that sparsity counts (see the module docstring)."""
-    attn, mlp = layer.self_attn, layer.mlp
+    attn, mlp, experts = adapter.attention(layer), adapter.mlp(layer), adapter.experts(layer)
     weights = []
-    if not isinstance(attn, SkippedAttention):
-        weights += [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight, attn.o_proj.weight]
-    if is_moe_block(mlp):
-        weights += [mlp.gate.weight, mlp.experts.gate_up_proj, mlp.experts.down_proj]
-    elif not isinstance(mlp, SkippedMLP):
-        weights += [mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight]
+    if attn is not None:
+        weights += [attn.q.weight, attn.k.weight, attn.v.weight, attn.o.weight]
+    if experts is not None:
+        weights += [experts.router, experts.gate_up, experts.down]
+    elif mlp is not None:
+        weights += [mlp.gate.weight, mlp.up.weight, mlp.down.weight]
     return weights
 
 
-def _numel(layer: nn.Module) -> int:
-    return sum(w.numel() for w in counted_weights(layer))
+def _expert_counts(adapter: FamilyAdapter, layers: nn.ModuleList) -> list[int | None]:
+    """Routed experts per decoder layer, None in a dense-MLP layer."""
+    return [None if (e := adapter.experts(layer)) is None else e.count for layer in layers]
 
 
-def _nonzero(layer: nn.Module) -> int:
-    return sum(int(torch.count_nonzero(w)) for w in counted_weights(layer))
+def _numel(adapter: FamilyAdapter, layer: nn.Module) -> int:
+    return sum(w.numel() for w in counted_weights(adapter, layer))
+
+
+def _nonzero(adapter: FamilyAdapter, layer: nn.Module) -> int:
+    return sum(int(torch.count_nonzero(w)) for w in counted_weights(adapter, layer))
 
 
 @dataclass(frozen=True)
@@ -108,99 +113,129 @@ class WeightBudget:
     unstructured: float  # the share of the covered weights the unstructured stage zeroes
 
 
+def check_settings(config: StunConfig) -> None:
+    """Every mistake in `config` alone, as a ParameterError naming the setting: before the model is loaded."""
+    if config.method not in METHODS:
+        raise ParameterError("method", f"{config.method!r} is unknown: choose one of {', '.join(METHODS)}")
+    if config.unstructured not in STAGES:
+        raise ParameterError("unstructured", f"{config.unstructured!r} is unknown: choose one of {', '.join(STAGES)}")
+    if config.merge and config.method != "stun":
+        raise ParameterError("merge", f"averages the experts of a STUN cluster: it needs {mention('method')} stun")
+    _check_keep_setting(config)
+    if config.method != "none":
+        make_selector(config.method, router_weight=config.router_weight, seed=config.seed)
+    elif config.unstructured == "none":
+        raise ParameterError("method", f"none and {mention('unstructured')} none prune nothing: choose an expert "
+                                       "method, an unstructured stage or both")
+    _check_sparsity_target(config)
+
+
 def check_config(model: nn.Module, config: StunConfig) -> WeightBudget:
-    """Every mistake a user can make, as a UserError, before any work; the budget otherwise."""
-    layers = adapter_for(model).layers(model)
+    """Every mistake a user can make, as a UserError (a ParameterError when one setting is wrong), before any
+    work; the budget otherwise."""
+    adapter = adapter_for(model)
+    layers = adapter.layers(model)
     moe = moe_layers(model)
     if not moe:
         raise UserError(f"{model.config.model_type!r} has no Mixture-of-Experts layers: stun prunes Mixtral, "
                         "Qwen2-MoE and OLMoE models (turn a dense model into one with `tyrsearch moefy`)")
-    if config.method not in METHODS:
-        raise UserError(f"unknown --method {config.method!r}: choose one of {', '.join(METHODS)}")
-    make_stage(config.unstructured)
-    if config.merge and config.method != "stun":
-        raise UserError("--merge averages the experts of a STUN cluster: it needs --method stun")
-    experts = [layers[i].mlp.gate.weight.shape[0] for i in moe]
-    top_k = [layers[i].mlp.gate.top_k for i in moe]
-    keep = _keep_count(config, sum(experts))
+    check_settings(config)
+    blocks = [adapter.experts(layers[i]) for i in moe]
+    experts = [b.count for b in blocks]
+    top_k = [b.top_k for b in blocks]
+    keep = round(config.experts_keep * sum(experts)) if isinstance(config.experts_keep, float) \
+        else config.experts_keep or sum(experts)  # method none: every expert
     if config.method != "none":
-        make_selector(config.method, router_weight=config.router_weight, seed=config.seed)
+        make_selector(config.method, router_weight=config.router_weight, seed=config.seed).check(top_k)
         check_keep(experts, top_k, keep)
         if config.method in ("frequency", "random"):
             proportional_counts(experts, top_k, keep)
-    elif config.unstructured == "none":
-        raise UserError("--method none and --unstructured none prune nothing: choose an expert method, an "
-                        "unstructured stage or both")
-    target = _check_sparsity_target(config)
+    if config.semi_structured:
+        _check_2_4(adapter, layers)
+    target = config.sparsity if config.unstructured != "none" and not config.semi_structured else None
 
     # one expert's counted weights: its router row and its gate_up and down slices
-    per_expert = {sum(w[0].numel() for w in (b.gate.weight, b.experts.gate_up_proj, b.experts.down_proj))
-                  for b in (layers[i].mlp for i in moe)}
+    per_expert = {sum(w[0].numel() for w in (b.router, b.gate_up, b.down)) for b in blocks}
     if len(per_expert) > 1:  # the MoE adapter never cuts inside experts, so one model's experts are alike
         raise ValueError("experts of different sizes across layers: the expert stage's share is not fixed")
-    dense = sum(map(_numel, layers))
+    dense = sum(_numel(adapter, layer) for layer in layers)
     removed = (sum(experts) - keep) * per_expert.pop()
-    router_rows = keep * layers[moe[0]].mlp.gate.weight.shape[1]
+    router_rows = keep * blocks[0].router.shape[1]
     covered = dense - removed - router_rows
     if target is None:
         return WeightBudget(keep=keep, dense=dense, removed=removed,
                       unstructured=SEMI_STRUCTURED_SPARSITY if config.semi_structured else 0.0)
     zeros = round(target * dense) - removed
     if zeros < 0:
-        raise UserError(f"--sparsity {target} is below the expert stage's share: removing "
-                        f"{sum(experts) - keep} of {sum(experts)} experts alone removes {removed / dense:.4f} of "
-                        "the weights; raise --sparsity or keep more experts")
+        raise ParameterError("sparsity", f"{target} is below the expert stage's share: removing "
+                                         f"{sum(experts) - keep} of {sum(experts)} experts alone removes "
+                                         f"{removed / dense:.4f} of the weights; raise {mention('sparsity')} or keep "
+                                         "more experts")
     if zeros >= covered:
-        raise UserError(f"--sparsity {target} would zero every weight the expert stage keeps; lower --sparsity")
+        raise ParameterError("sparsity", f"{target} would zero every weight the expert stage keeps; lower "
+                                         f"{mention('sparsity')}")
     return WeightBudget(keep=keep, dense=dense, removed=removed, unstructured=zeros / covered)
 
 
-def _keep_count(config: StunConfig, total: int) -> int:
+def _check_keep_setting(config: StunConfig) -> None:
     keep = config.experts_keep
     if config.method == "none":
         if keep is not None:
-            raise UserError("--method none keeps every expert: drop --experts-keep")
-        return total
+            raise ParameterError("method", f"none keeps every expert: drop {mention('experts_keep')}")
+        return
     if keep is None:
-        raise UserError(f"--method {config.method} needs --experts-keep (a share like 0.75 or a count)")
+        raise ParameterError("method", f"{config.method} needs {mention('experts_keep')} (a share like 0.75 or a "
+                                       "count)")
+    if isinstance(keep, bool) or not isinstance(keep, float | int):
+        raise ParameterError("experts_keep", f"{keep!r} is neither a share (0.75) nor a count of experts (24)")
     if isinstance(keep, float):
         if not 0 < keep <= 1:
-            raise UserError(f"--experts-keep {keep} as a share must be in (0, 1]; give a count as a whole number")
-        return round(keep * total)
-    if keep < 1:
-        raise UserError(f"--experts-keep {keep}: keep at least one expert per MoE layer")
-    return keep
+            raise ParameterError("experts_keep", f"{keep} as a share must be in (0, 1]; give a count as a whole "
+                                                 "number")
+    elif keep < 1:
+        raise ParameterError("experts_keep", f"{keep}: keep at least one expert per MoE layer")
 
 
-def _check_sparsity_target(config: StunConfig) -> float | None:
+def _check_sparsity_target(config: StunConfig) -> None:
     if config.semi_structured:
         if config.unstructured != "wanda":
-            raise UserError("--semi-structured prunes 2:4 by wanda scores: use --unstructured wanda (owl's layer "
-                            "sparsities do not apply: 2:4 is 50% in every matrix)")
+            raise ParameterError("semi_structured", f"prunes 2:4 by wanda scores: use {mention('unstructured')} "
+                                                    "wanda (owl's layer sparsities do not apply: 2:4 is 50% in "
+                                                    "every matrix)")
         if config.sparsity is not None:
-            raise UserError("--semi-structured fixes the unstructured stage at 2:4 (50% of every matrix): drop "
-                            "--sparsity, the total is reported")
-        return None
+            raise ParameterError("semi_structured", "fixes the unstructured stage at 2:4 (50% of every matrix): "
+                                                    f"drop {mention('sparsity')}, the total is reported")
+        return
     if config.unstructured == "none":
         if config.sparsity is not None:
-            raise UserError("--unstructured none zeroes nothing, so the total is the expert stage's share: drop "
-                            "--sparsity or choose --unstructured wanda or owl")
-        return None
+            raise ParameterError("unstructured", "none zeroes nothing, so the total is the expert stage's share: "
+                                                 f"drop {mention('sparsity')} or choose {mention('unstructured')} "
+                                                 "wanda or owl")
+        return
     if config.sparsity is None:
-        raise UserError(f"--unstructured {config.unstructured} needs --sparsity, the total sparsity to reach")
+        raise ParameterError("unstructured", f"{config.unstructured} needs {mention('sparsity')}, the total "
+                                             "sparsity to reach")
     check_sparsity(config.sparsity)
-    return config.sparsity
 
 
-def _expert_layer(layer: nn.Module, stats: calibration.LayerStats) -> ExpertLayer:
-    moe = layer.mlp
-    return ExpertLayer(co_selection=stats.co_selection, router=moe.gate.weight.detach(),
-                       gate_up=moe.experts.gate_up_proj.detach(), down=moe.experts.down_proj.detach(),
-                       top_k=moe.gate.top_k)
+def _check_2_4(adapter: FamilyAdapter, layers: nn.ModuleList) -> None:
+    """2:4 zeroes 2 of every 4 inputs of each pruned matrix, so every input size must divide by 4."""
+    for i, layer in enumerate(layers):
+        for weight in counted_weights(adapter, layer):
+            rows, cols = weight.shape[-2:]
+            if cols % 4:
+                raise ParameterError("semi_structured", f"needs input sizes divisible by 4 (2:4 sparsity); a {rows} "
+                                                        f"x {cols} matrix of layer {i} is not: drop "
+                                                        f"{mention('semi_structured')}")
+
+
+def _expert_layer(experts: Experts, stats: calibration.LayerStats) -> ExpertLayer:
+    return ExpertLayer(co_selection=stats.co_selection, router=experts.router.detach(),
+                       gate_up=experts.gate_up.detach(), down=experts.down.detach(), top_k=experts.top_k)
 
 
 @torch.no_grad()
-def _merge_(moe: nn.Module, kept: KeptExperts, frequency: torch.Tensor, *, max_size: int) -> None:
+def _merge_(experts: Experts, kept: KeptExperts, frequency: torch.Tensor, *, max_size: int) -> None:
     """Write each small cluster's frequency-weighted average (uniform if none was used) into its kept expert."""
     for cluster in kept.clusters:
         if not 2 <= len(cluster) <= max_size:
@@ -208,31 +243,49 @@ def _merge_(moe: nn.Module, kept: KeptExperts, frequency: torch.Tensor, *, max_s
         members = list(cluster)
         weight = frequency[members].double()
         weight = weight / weight.sum() if weight.sum() > 0 else torch.full_like(weight, 1 / len(members))
-        for param in (moe.gate.weight, moe.experts.gate_up_proj, moe.experts.down_proj):
+        for param in (experts.router, experts.gate_up, experts.down):
             stacked = param.detach()[members].double()  # [members, ...]
             average = (stacked * weight.view(-1, *[1] * (stacked.dim() - 1))).sum(0)
             param.detach()[cluster[0]] = average.to(param.dtype)
 
 
-def _matrices(layer: nn.Module, stats: calibration.LayerStats) -> list[Matrix]:
+def _matrices(adapter: FamilyAdapter, layer: nn.Module, stats: calibration.LayerStats) -> list[Matrix]:
     """What the unstructured stage prunes in one layer: every counted weight but the router, with its norms."""
-    attn, mlp = layer.self_attn, layer.mlp
+    attn, mlp, experts = adapter.attention(layer), adapter.mlp(layer), adapter.experts(layer)
     matrices = []
-    if not isinstance(attn, SkippedAttention):
+    if attn is not None:
         x = stats.norms(calibration.ATTENTION_IN)
-        matrices += [Matrix(attn.q_proj.weight.detach(), x), Matrix(attn.k_proj.weight.detach(), x),
-                     Matrix(attn.v_proj.weight.detach(), x),
-                     Matrix(attn.o_proj.weight.detach(), stats.norms(calibration.O_IN))]
-    if is_moe_block(mlp):
+        matrices += [Matrix(attn.q.weight.detach(), x), Matrix(attn.k.weight.detach(), x),
+                     Matrix(attn.v.weight.detach(), x), Matrix(attn.o.weight.detach(), stats.norms(calibration.O_IN))]
+    if experts is not None:
         x, mid = stats.norms(calibration.EXPERT_IN), stats.norms(calibration.EXPERT_MID)  # [E, hidden], [E, I]
-        gate_up, down = mlp.experts.gate_up_proj.detach(), mlp.experts.down_proj.detach()
-        for e in range(gate_up.shape[0]):
+        gate_up, down = experts.gate_up.detach(), experts.down.detach()
+        for e in range(experts.count):
             matrices += [Matrix(gate_up[e], x[e]), Matrix(down[e], mid[e])]  # [2I, hidden], [hidden, I]
-    elif not isinstance(mlp, SkippedMLP):
+    elif mlp is not None:
         x, mid = stats.norms(calibration.MLP_IN), stats.norms(calibration.MLP_MID)
-        matrices += [Matrix(mlp.gate_proj.weight.detach(), x), Matrix(mlp.up_proj.weight.detach(), x),
-                     Matrix(mlp.down_proj.weight.detach(), mid)]
+        matrices += [Matrix(mlp.gate.weight.detach(), x), Matrix(mlp.up.weight.detach(), x),
+                     Matrix(mlp.down.weight.detach(), mid)]
     return matrices
+
+
+def _remove_experts_(model: nn.Module, stats: list[calibration.LayerStats], config: StunConfig, *,
+                     keep: int) -> tuple[list[list[list[int]]], float | None]:
+    """The expert stage: keep `keep` experts in all (`config.method` picks them), in place; the layers'
+    statistics follow the renumbered experts. Returns each MoE layer's clusters and stun's threshold."""
+    adapter = adapter_for(model)
+    layers, moe = adapter.layers(model), moe_layers(model)
+    selector = make_selector(config.method, router_weight=config.router_weight, seed=config.seed)
+    plan = selector.select([_expert_layer(adapter.experts(layers[i]), stats[i]) for i in moe], keep)
+    clusters = []
+    for i, kept in zip(moe, plan.layers, strict=True):
+        if config.merge:
+            _merge_(adapter.experts(layers[i]), kept, stats[i].co_selection.diagonal(), max_size=config.merge_max_size)
+        index = torch.tensor(kept.kept)
+        adapter.prune_layer_(layers[i], EXPERTS, KeptUnits(kept=index), layer_idx=i, head_dim=adapter.head_dim(model))
+        stats[i] = stats[i].keep_experts(index)
+        clusters.append([list(c) for c in kept.clusters])
+    return clusters, plan.info.get("threshold")
 
 
 def stun_prune(model: nn.Module, batches: torch.Tensor, *, config: StunConfig, progress: bool = False) -> dict:
@@ -249,42 +302,31 @@ def stun_prune(model: nn.Module, batches: torch.Tensor, *, config: StunConfig, p
     adapter = adapter_for(model)
     budget = check_config(model, config)
     layers = adapter.layers(model)
-    dense_numel = [_numel(layer) for layer in layers]
-    dense_experts = [layer.mlp.gate.weight.shape[0] if is_moe_block(layer.mlp) else None for layer in layers]
+    dense_numel = [_numel(adapter, layer) for layer in layers]
+    dense_experts = _expert_counts(adapter, layers)
 
     stats, calls = calibration.collect(model, adapter, batches, batch_size=config.batch_size, progress=progress)
     calibrated = time.perf_counter()
 
     moe = moe_layers(model)
     selected = [stats[i].co_selection.diagonal().tolist() for i in moe]  # tokens that selected each dense expert
-    clusters, threshold = [], None
-    if config.method != "none":
-        selector = make_selector(config.method, router_weight=config.router_weight, seed=config.seed)
-        plan = selector.select([_expert_layer(layers[i], stats[i]) for i in moe], budget.keep)
-        threshold = plan.info.get("threshold")
-        for i, kept in zip(moe, plan.layers, strict=True):
-            if config.merge:
-                _merge_(layers[i].mlp, kept, stats[i].co_selection.diagonal(), max_size=config.merge_max_size)
-            index = torch.tensor(kept.kept)
-            adapter.prune_layer_(layers[i], EXPERTS, KeptUnits(kept=index), layer_idx=i,
-                                 head_dim=adapter.head_dim(model))
-            stats[i] = stats[i].keep_experts(index)
-            clusters.append([list(c) for c in kept.clusters])
+    clusters, threshold = _remove_experts_(model, stats, config, keep=budget.keep) if config.method != "none" \
+        else ([], None)
     experts_done = time.perf_counter()
 
-    matrices = [_matrices(layer, s) for layer, s in zip(layers, stats, strict=True)]
+    matrices = [_matrices(adapter, layer, s) for layer, s in zip(layers, stats, strict=True)]
     sparsities = make_stage(config.unstructured).layer_sparsities(matrices, budget.unstructured)
     prune_(matrices, sparsities, semi_structured=config.semi_structured)
     done = time.perf_counter()
 
-    nonzero = [_nonzero(layer) for layer in layers]
+    nonzero = [_nonzero(adapter, layer) for layer in layers]
     total = sum(dense_numel)
-    removed = total - sum(map(_numel, layers))
+    removed = total - sum(_numel(adapter, layer) for layer in layers)
     return {
         "config": asdict(config),
         "experts": {
             "dense": dense_experts,
-            "kept": [layer.mlp.gate.weight.shape[0] if is_moe_block(layer.mlp) else None for layer in layers],
+            "kept": _expert_counts(adapter, layers),
             "total_dense": sum(e for e in dense_experts if e), "total_kept": budget.keep,
             "selected": selected, "clusters": clusters, "threshold": threshold,
         },

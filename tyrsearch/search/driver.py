@@ -444,6 +444,14 @@ def materialize(model: nn.Module, result: Winner) -> nn.Module:
     return result.supernet.apply(copy.deepcopy(model), result.levels)
 
 
+def start_candidate(study: optuna.Study, model: nn.Module, iteration: int = 0) -> nn.Module:
+    """A copy of the dense `model` cut to an iteration's start candidate (iteration 0: the knapsack start),
+    from the supernet that iteration cached."""
+    record = schema.iteration_record(study, iteration)
+    levels = params_to_levels(record.start, len(adapter_for(model).shapes(model)))
+    return Supernet.load(record.supernet).apply(copy.deepcopy(model), levels)
+
+
 def _sampler_and_pruner(space: SearchSpace, strategy: str, seed: int) -> dict:
     return {"sampler": make_sampler(strategy, offspring=space.offspring, seed=seed),
             "pruner": SelectionPruner(survivors=[stage.survivors for stage in space.selection])}

@@ -10,6 +10,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tyrsearch import assets, data, texts
+from tyrsearch.placement import DTYPES, placement
 from tyrsearch.space import SearchSpace
 
 
@@ -21,6 +22,7 @@ class Job:
     seq_len: int = 512
     seed: int = 0
     batch_size: int = 4
+    dtype: str = "float32"  # the same in every worker (fitness values compare in one precision); devices differ
 
     @classmethod
     def of(cls, *, model: str, **fields) -> Job:
@@ -31,9 +33,11 @@ class Job:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def load(self, space: SearchSpace) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, Batches]:
-        """(model, tokenizer, batches): what the search process loads, in any process."""
-        model, tokenizer = assets.load_model(self.model)
+    def load(self, space: SearchSpace, *, device: str = "auto") -> tuple[PreTrainedModel, PreTrainedTokenizerBase,
+                                                                         Batches]:
+        """(model, tokenizer, batches): what the search process loads, in any process, on its `device`."""
+        model, tokenizer = assets.load_model(self.model, dtype=DTYPES[self.dtype],
+                                             device=placement(device, self.dtype).device)
         return model, tokenizer, self.batches(tokenizer, space)
 
     def batches(self, tokenizer: PreTrainedTokenizerBase, space: SearchSpace) -> Batches:

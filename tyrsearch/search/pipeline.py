@@ -4,7 +4,7 @@ run it on a runner, materialize the winner, measure it and write OUT/model, resu
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -37,7 +37,7 @@ class SearchRequest:
     storage: str | None
     study_name: str | None
     runner: str
-    workers: int
+    workers: int | None  # None: one per GPU, or one
     worker_threads: int | None
     address: str | None
     heartbeat: int
@@ -47,6 +47,8 @@ class SearchRequest:
     no_rebuild: bool
     eval_tokens: int
     eval_text: str
+    device: str = "auto"
+    dtype: str = "auto"
 
     @property
     def storage_url(self) -> str:
@@ -69,10 +71,12 @@ def check_request(request: SearchRequest, model_name: str) -> Checked:
     from tyrsearch.api import check_out_dir
     from tyrsearch.budget import BUDGETS
     from tyrsearch.local import make_criterion
+    from tyrsearch.placement import placement
     from tyrsearch.search.driver import STARTS, parse_objectives
     from tyrsearch.search.samplers import STRATEGIES
     from tyrsearch.space import load_space
 
+    placement(request.device, request.dtype)
     allocation.check_sparsity(request.target, parameter="target")
     make_criterion(request.criterion)
     if request.budget not in BUDGETS:
@@ -105,24 +109,27 @@ def run_search(model: ModelRef, request: SearchRequest, *, tokenizer: PreTrained
                progress: bool = True) -> SearchResult:
     from tyrsearch.api import load
     from tyrsearch.materialize import save_pruned
+    from tyrsearch.placement import DTYPE_NAMES, default_workers, placement_of
     from tyrsearch.runners import make_runner
     from tyrsearch.search.driver import materialize
     from tyrsearch.search.job import Job
     from tyrsearch.search.storage import open_storage
 
+    if request.workers is None:
+        request = replace(request, workers=default_workers())
     loaded_model = not isinstance(model, str | Path)
     if loaded_model and request.runner != "local":
         raise ParameterError("runner", f"{request.runner} loads the model in its workers: pass a model reference "
                                        "(an alias, folder or .gguf file) instead of a loaded model")
     name = model.config.name_or_path if loaded_model else str(model)
     checked = check_request(request, Path(name).name.removesuffix(".gguf"))
-    job = Job.of(model=name, calib=request.calib, calib_seqs=request.calib_seqs, seq_len=request.seq_len,
-                 seed=request.seed)
     runner = make_runner(request.runner, storage_url=request.storage_url, study_name=checked.study_name,
                          workers=request.workers, threads=request.worker_threads, heartbeat_s=request.heartbeat,
-                         address=request.address)
+                         address=request.address, device=request.device)
     store = open_storage(request.storage_url, heartbeat_s=request.heartbeat) if request.storage else None
-    loaded = load(model, tokenizer)
+    loaded = load(model, tokenizer, device=request.device, dtype=request.dtype)
+    job = Job.of(model=name, calib=request.calib, calib_seqs=request.calib_seqs, seq_len=request.seq_len,
+                 seed=request.seed, dtype=DTYPE_NAMES[placement_of(loaded.model).dtype])  # workers' precision
     search = _prepare(loaded, request, checked, job, store, progress=progress)
     found = runner.run(search)
     tic = time.perf_counter()
@@ -147,6 +154,7 @@ def _prepare(loaded, request: SearchRequest, checked: Checked, job, store, *, pr
     from tyrsearch.pruner import dims_of
     from tyrsearch.search import study as schema
     from tyrsearch.search.driver import Search, SearchConfig, check_reachable, objective_space, open_study
+    from tyrsearch.search.job import Job
     from tyrsearch.search.storage import open_storage
     from tyrsearch.space import load_space
 
@@ -170,10 +178,11 @@ def _prepare(loaded, request: SearchRequest, checked: Checked, job, store, *, pr
     store = store or open_storage(request.storage_url, heartbeat_s=request.heartbeat)  # SQLite lives in out
     study = open_study(storage=store, study_name=checked.study_name, space=space, config=config,
                        resume=request.resume)
-    if (schema.job(study) or job.to_dict()) != job.to_dict():
+    if schema.job(study) is not None and Job(**schema.job(study)) != job:  # (a study from before `dtype`: float32)
         raise ParameterError("study_name", f"{checked.study_name!r} searches another model or calibration: resume "
                              f"with the same model, {mention('calib')}, {mention('calib_seqs')}, "
-                             f"{mention('seq_len')} and {mention('seed')}, or choose another study")
+                             f"{mention('seq_len')}, {mention('seed')} and {mention('dtype')}, or choose another "
+                             "study")
     schema.set_job(study, job.to_dict())
     batches = job.batches(loaded.tokenizer, space)
     return Search(model=model, calibration=batches.calibration, fitness_batches=batches.fitness,
@@ -187,6 +196,7 @@ def _figures(model_name: str, request: SearchRequest, checked: Checked, search, 
     from tyrsearch import allocation, metrics
     from tyrsearch.budget import limit
     from tyrsearch.models import adapter_for
+    from tyrsearch.placement import placement_of
     from tyrsearch.search.report import pareto_front
     from tyrsearch.search.storage import redact
 
@@ -209,6 +219,7 @@ def _figures(model_name: str, request: SearchRequest, checked: Checked, search, 
         **({"pareto_front": pareto_front(study, checked.goals)} if len(checked.goals) > 1 else {}),
         "calibration": {"source": request.calib, "sequences": request.calib_seqs, "seq_len": request.seq_len,
                         "seed": request.seed},
+        "placement": placement_of(search.model).to_json(),
         "study": {"storage": redact(request.storage_url), "name": checked.study_name, "trials": len(study.trials)},
         "config": {"criterion": request.criterion, "strategy": checked.strategy, "start": request.start,
                    "space": space.family, "objectives": list(checked.goals), "runner": request.runner,

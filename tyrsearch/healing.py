@@ -1,4 +1,5 @@
-"""Knowledge distillation: train a student (a moefied or pruned model) to match its dense teacher.
+"""Healing by knowledge distillation: train a student (a moefied or pruned model) to match its dense teacher.
+(The API's `tyrsearch.distill` runs it end to end: loading, the perplexities before and after, saving.)
 
 The loss is KL(teacher || student) of the next-token distributions over the full vocabulary, mean over
 positions. Only the student's MLPs (Mixtral experts and routers, or pruned gate/up/down) train by default:
@@ -24,7 +25,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from tyrsearch.atomic import atomic_folder, write_json
-from tyrsearch.errors import UserError
+from tyrsearch.errors import ParameterError, UserError, mention
 
 TRAINABLE = ("mlp", "all")
 SETTINGS = "distill.json"  # in the checkpoint folder: the settings a resumed run must share
@@ -45,7 +46,7 @@ class DistillConfig:
 
     def __post_init__(self) -> None:
         if self.train not in TRAINABLE:
-            raise UserError(f"--train {self.train!r}: choose one of {', '.join(TRAINABLE)}")
+            raise ParameterError("train", f"{self.train!r}: choose one of {', '.join(TRAINABLE)}")
 
 
 class _Windows(torch.utils.data.Dataset):
@@ -99,6 +100,15 @@ def trainable_names(student: nn.Module, train: str) -> list[str]:
     return names if train == "all" else [name for name in names if ".mlp." in name]
 
 
+def check_trainable(student: nn.Module, train: str) -> list[str]:
+    """The names ``trainable_names`` gives; a ParameterError if there are none."""
+    names = trainable_names(student, train)
+    if not names:
+        raise ParameterError("train", f"{train} finds no MLP weights (named *.mlp.*) in the student: pass "
+                                      f"{mention('train')} all")
+    return names
+
+
 def check_pair(teacher: nn.Module, student: nn.Module) -> None:
     """Raise a UserError unless the student predicts over the teacher's vocabulary."""
     vocab_t, vocab_s = teacher.get_output_embeddings().weight.shape[0], student.get_output_embeddings().weight.shape[0]
@@ -108,24 +118,27 @@ def check_pair(teacher: nn.Module, student: nn.Module) -> None:
 
 
 def check_resumable(checkpoints: Path, config: DistillConfig, settings: dict | None = None) -> dict:
-    """The run's settings (``settings`` with the config); raise a UserError if ``checkpoints`` holds a
-    run with other ones."""
+    """The run's settings (``settings`` with the config); raise a ParameterError if ``checkpoints`` holds a
+    run with other ones (they are the checkpoints of the API's `out`: it names `out` and `overwrite`)."""
     settings = {**(settings or {}), **asdict(config)}
     saved = checkpoints / SETTINGS
     if saved.exists() and (before := json.loads(saved.read_text())) != settings:
         changed = sorted(key for key in settings.keys() | before.keys() if settings.get(key) != before.get(key))
-        raise UserError(f"{checkpoints} holds checkpoints of a distillation with other settings ({', '.join(changed)}"
-                        " differ); rerun with the same settings to resume, or pass --overwrite to start over")
+        raise ParameterError("out", f"has checkpoints in {checkpoints} of a distillation with other settings "
+                                    f"({', '.join(changed)} differ); rerun with the same settings to resume, or "
+                                    f"pass {mention('overwrite')} to start over")
     return settings
 
 
 def distill(teacher: nn.Module, student: nn.Module, windows: torch.Tensor, checkpoints: str | Path, *,
             config: DistillConfig, settings: dict | None = None, progress: bool = True,
-            callbacks: list[TrainerCallback] | None = None) -> list[dict]:
+            callbacks: list[TrainerCallback] | None = None, device: torch.device | None = None,
+            autocast: torch.dtype = torch.float32) -> list[dict]:
     """Train ``student`` in place towards ``teacher`` on token windows [n, L] for ``config.steps`` steps,
     resuming from the last checkpoint in ``checkpoints`` if there is one. ``settings`` (JSON-able, with
     the config) must equal those of the run that wrote the checkpoints. Returns Trainer's log history
-    (the loss every 10 steps, or every checkpoint if more often)."""
+    (the loss every 10 steps, or every checkpoint if more often). On ``device`` (default: Trainer's choice),
+    the student's float32 master weights trained with ``autocast`` (bfloat16 / float16: mixed precision)."""
     check_pair(teacher, student)
     checkpoints = Path(checkpoints)
     settings = check_resumable(checkpoints, config, settings)
@@ -133,9 +146,7 @@ def distill(teacher: nn.Module, student: nn.Module, windows: torch.Tensor, check
     write_json(checkpoints / SETTINGS, settings)
 
     teacher.eval().requires_grad_(False)
-    keep = set(trainable_names(student, config.train))
-    if not keep:
-        raise UserError("the student has no MLP weights (named *.mlp.*) to train: pass --train all")
+    keep = set(check_trainable(student, config.train))
     for name, param in student.named_parameters():
         param.requires_grad_(name in keep)
     args = TrainingArguments(
@@ -145,6 +156,8 @@ def distill(teacher: nn.Module, student: nn.Module, windows: torch.Tensor, check
         logging_steps=min(10, config.save_every),
         report_to="none", seed=config.seed, data_seed=config.seed, disable_tqdm=not progress,
         dataloader_num_workers=0, remove_unused_columns=False,
+        use_cpu=device is not None and device.type == "cpu",
+        bf16=autocast == torch.bfloat16, fp16=autocast == torch.float16,
     )
     teacher.to(args.device)  # Trainer moves the student
     trainer = _Distiller(teacher=teacher, temperature=config.temperature, model=student, args=args,
