@@ -326,6 +326,7 @@ def run(args) -> None:
             if name == "dense":
                 model = dense
             elif name == "knapsack start":
+                made(target, DEFAULT, args.calib_seqs)  # its study and supernet (a fresh checkout has neither)
                 model = knapsack_start(dense, target)
             else:
                 model = assets.load_model(str(made(target, name, args.calib_seqs)))[0]
