@@ -109,7 +109,7 @@ def run_search(model: ModelRef, request: SearchRequest, *, tokenizer: PreTrained
                progress: bool = True) -> SearchResult:
     from tyrsearch.api import load
     from tyrsearch.materialize import save_pruned
-    from tyrsearch.placement import DTYPE_NAMES, default_workers, placement_of
+    from tyrsearch.placement import default_workers, placement_of
     from tyrsearch.runners import make_runner
     from tyrsearch.search.driver import materialize
     from tyrsearch.search.job import Job
@@ -129,7 +129,7 @@ def run_search(model: ModelRef, request: SearchRequest, *, tokenizer: PreTrained
     store = open_storage(request.storage_url, heartbeat_s=request.heartbeat) if request.storage else None
     loaded = load(model, tokenizer, device=request.device, dtype=request.dtype)
     job = Job.of(model=name, calib=request.calib, calib_seqs=request.calib_seqs, seq_len=request.seq_len,
-                 seed=request.seed, dtype=DTYPE_NAMES[placement_of(loaded.model).dtype])  # workers' precision
+                 seed=request.seed, dtype=placement_of(loaded.model).to_json()["dtype"])  # workers' precision
     search = _prepare(loaded, request, checked, job, store, progress=progress)
     found = runner.run(search)
     tic = time.perf_counter()
