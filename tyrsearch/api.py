@@ -56,9 +56,12 @@ def load(model: ModelRef, tokenizer: PreTrainedTokenizerBase | None = None, *, d
         return Loaded(loaded, tokenizer or loaded_tokenizer, reference(model))
     if tokenizer is None:
         raise ParameterError("tokenizer", "is needed with a loaded model: pass its tokenizer too")
-    moved = {**({"device": where.device} if device != "auto" else {}), **({"dtype": where.dtype} if dtype != "auto"
-                                                                        else {})}
-    return Loaded(model.to(**moved).eval() if moved else model.eval(), tokenizer, reference(model))
+    moved = {}
+    if device != "auto":
+        moved["device"] = where.device
+    if dtype != "auto":
+        moved["dtype"] = where.dtype
+    return Loaded(model.to(**moved).eval(), tokenizer, reference(model))
 
 
 def evaluate(model: ModelRef, *, tokenizer: PreTrainedTokenizerBase | None = None, text: str = "wiki-summaries",

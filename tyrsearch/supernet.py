@@ -31,7 +31,7 @@ from tyrsearch.atomic import atomic_folder
 from tyrsearch.calibration import LayerInputs
 from tyrsearch.errors import UserError
 from tyrsearch.local import Criterion
-from tyrsearch.models import ATTENTION_UNITS, EXPERTS, MLP, Q_HEADS, KeptUnits, LayerShape, adapter_for
+from tyrsearch.models import ATTENTION_UNITS, EXPERTS, MLP, Q_HEADS, Experts, KeptUnits, LayerShape, adapter_for
 from tyrsearch.moe.stats import co_selection
 from tyrsearch.space import SearchSpace
 
@@ -135,21 +135,19 @@ class _Counts:
 
 
 @contextlib.contextmanager
-def _coselection(layer: nn.Module | None) -> Iterator[_Counts]:
-    """While open, count which experts the tokens running through `layer`'s MoE block co-select (STUN's
-    statistic: the top-k its router hands the experts). None, or a layer without experts: nothing."""
+def _coselection(experts: Experts | None) -> Iterator[_Counts]:
+    """While open, count which of `experts` the tokens running through them co-select (STUN's statistic:
+    the top-k the router hands the experts). None (a layer without experts, or not searched): nothing."""
     found = _Counts()
-    experts = getattr(getattr(layer, "mlp", None), "experts", None)
     if experts is None:
         yield found
         return
 
-    def count(module, args, kwargs):  # experts(hidden [T, H], top_k_index [T, k], weights)
-        index = args[1] if len(args) > 1 else kwargs["top_k_index"]
-        counts = co_selection(index.reshape(-1, index.shape[-1]), module.gate_up_proj.shape[0])
+    def count(hidden: torch.Tensor, index: torch.Tensor) -> None:  # [T, H], [T, k]
+        counts = co_selection(index, experts.count)
         found.counts = counts if found.counts is None else found.counts + counts
 
-    handle = experts.register_forward_pre_hook(count, with_kwargs=True)
+    handle = experts.on_routing(count)
     try:
         yield found
     finally:
@@ -183,7 +181,7 @@ def build_supernet(model: nn.Module, criterion: Criterion, batches: torch.Tensor
                                      disable=not progress)):
         input_rms.append(torch.cat(inputs.hidden).pow(2).mean().sqrt().item())
         blocks = {"attention": adapter.consumer(layer, Q_HEADS), "mlp": adapter.consumer(layer, MLP)}
-        with _coselection(layer if EXPERTS in units else None) as coselection:
+        with _coselection(adapter.experts(layer) if EXPERTS in units else None) as coselection:
             stats = inputs.collect({b: c for b, c in blocks.items() if c is not None})
         state, shape = layer.state_dict(), adapter.shape(layer)
         grid.append({})

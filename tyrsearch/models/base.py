@@ -241,11 +241,13 @@ class FamilyAdapter:
         return [self.shape(layer) for layer in self.layers(model)]
 
     def consumer(self, layer: nn.Module, unit_type: str) -> nn.Linear | None:
-        """The linear whose input carries the units (None when the block is removed)."""
-        block = layer.self_attn if unit_type in ATTENTION_UNITS else layer.mlp
-        if isinstance(block, SkippedAttention | SkippedMLP):
-            return None
-        return block.o_proj if unit_type in ATTENTION_UNITS else block.down_proj
+        """The linear whose input carries the units (None when the block is removed, or is routed experts:
+        no single linear reads them, each token's input goes to its own top-k)."""
+        if unit_type in ATTENTION_UNITS:
+            attention = self.attention(layer)
+            return None if attention is None else attention.o
+        mlp = self.mlp(layer)
+        return None if mlp is None else mlp.down
 
     # -- the unit -> weight map, shared by grouping and slicing ------------------------------------
 

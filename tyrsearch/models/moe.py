@@ -22,7 +22,6 @@ from torch import nn
 
 from tyrsearch.errors import UserError
 from tyrsearch.models.base import (
-    ATTENTION_UNITS,
     EXPERTS,
     KV_GROUPS,
     MLP,
@@ -81,11 +80,6 @@ class MoEAdapter(LlamaAdapter):
         kv, q_per_kv = self._attention_units(layer.self_attn)
         experts, _, inter = layer.mlp.experts.down_proj.shape  # [E, hidden, I]
         return LayerShape(kv_heads=kv, q_per_kv=q_per_kv, intermediate=inter, experts=experts)
-
-    def consumer(self, layer: nn.Module, unit_type: str) -> nn.Linear | None:
-        if unit_type not in ATTENTION_UNITS and is_moe_block(layer.mlp):
-            return None  # no single linear reads the experts: each token's input goes to its own top-k
-        return super().consumer(layer, unit_type)
 
     def group(self, tensors: dict[str, torch.Tensor], shape: LayerShape, unit_type: str, *,
               head_dim: int) -> UnitGroup:
