@@ -19,7 +19,10 @@ import pytest
 from optuna.trial import TrialState
 
 from tests.conftest import RUNNER_SPACE, check_every_place_once, run_cli, search_args, space_file
+from tyrsearch.search import study as schema
+from tyrsearch.search.storage import open_storage
 from tyrsearch.search.study import GENERATION, INDEX, ITERATION
+from tyrsearch.search.worker import Heartbeat, claim
 
 
 @pytest.fixture
@@ -207,3 +210,27 @@ def _listening_on(port: int) -> set[str]:
         if int(hex_port, 16) == port and state == "0A":  # 0A: LISTEN
             found.add(socket.inet_ntoa(bytes.fromhex(address)[::-1]))
     return found
+
+
+@pytest.mark.postgres
+def test_a_worker_killed_as_it_claims_leaves_a_trial_that_goes_stale_and_is_retried(postgres_url, study_name):
+    """The heartbeat starts before the claim: a RUNNING trial without a heartbeat is never failed by Optuna,
+    and the search would wait for it forever."""
+    storage = open_storage(postgres_url, heartbeat_s=1)
+    study = optuna.create_study(study_name=study_name, storage=storage)
+    for index in range(2):
+        schema.add_planned_trial(study, schema.Place(0, 0, index))
+        schema.set_planned_params(study, study.trials[index], {"0.mlp": index})
+    heartbeat = Heartbeat(storage, 1)
+    other = Heartbeat(storage, 1)
+    held = claim(study, 0, heartbeat=heartbeat)
+    assert held is not None and heartbeat.ids == {schema.trial_id(held)}
+    assert claim(study, 0, heartbeat=other).number != held.number and len(other.ids) == 1  # one each
+    assert claim(study, 0, heartbeat=other) is None and len(other.ids) == 1  # a lost claim beats for nothing
+    heartbeat.close()  # the worker dies holding the trial
+    _wait_for(lambda: optuna.storages.fail_stale_trials(study) or
+              study.trials[held.number].state == TrialState.FAIL or None, 30, "the held trial to go stale")
+    other.close()
+    retried = [t for t in study.trials if t.system_attrs.get("failed_trial") == held.number]
+    assert len(retried) == 1 and retried[0].state == TrialState.WAITING
+    assert schema.planned_params(retried[0]) == schema.planned_params(held)  # the same candidate, claimable

@@ -66,16 +66,22 @@ def generation_trials(study: optuna.Study, iteration: int, generation: int) -> l
     return [t for t in iteration_trials(study, iteration) if schema.generation_of(t) == generation]
 
 
-def claim(study: optuna.Study, iteration: int) -> FrozenTrial | None:
-    """Take one planned WAITING trial of the iteration (atomic in the storage; None if there is none)."""
+def claim(study: optuna.Study, iteration: int, *, heartbeat: Heartbeat | None = None) -> FrozenTrial | None:
+    """Take one planned WAITING trial of the iteration (atomic in the storage; None if there is none).
+    Its heartbeat starts before the claim: a worker killed right after claiming must leave a trial whose
+    heartbeat goes stale, not a RUNNING trial without one, which Optuna never fails."""
     for trial in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
         if schema.iteration_of(trial) != iteration or schema.planned_params(trial) is None:
             continue  # another iteration's, or still being planned
+        if heartbeat:
+            heartbeat.add(schema.trial_id(trial))
         try:
             if schema.claim(study, trial):
                 return trial
         except UpdateFinishedTrialError:
-            continue
+            pass
+        if heartbeat:
+            heartbeat.discard(schema.trial_id(trial))  # another worker's: it beats for it
     return None
 
 
@@ -118,6 +124,9 @@ class Heartbeat:
     def add(self, trial_id: int) -> None:
         self.storage.record_heartbeat(trial_id)
         self.ids.add(trial_id)
+
+    def discard(self, trial_id: int) -> None:
+        self.ids.discard(trial_id)
 
     def _beat(self) -> None:
         while not self._stop.wait(self.interval):
@@ -167,11 +176,9 @@ class Dispatcher:
         record = None if iteration is None else schema.iteration_record(self.study, iteration)
         if record is None or record.supernet is None:
             return None
-        trial = claim(self.study, iteration)  # new candidates first: a held one waits for them anyway
+        trial = claim(self.study, iteration, heartbeat=self.heartbeat)  # new ones first: a held one waits anyway
         if trial is not None:
             self.held.add(schema.trial_id(trial))
-            if self.heartbeat:
-                self.heartbeat.add(schema.trial_id(trial))
             return self._task(schema.trial_id(trial), record)
         for trial_id in sorted(self.held - self.in_flight):
             task = self._task(trial_id, record)
@@ -232,7 +239,7 @@ class Dispatcher:
     def _release(self, trial_id: int) -> None:
         self.held.discard(trial_id)
         if self.heartbeat:
-            self.heartbeat.ids.discard(trial_id)
+            self.heartbeat.discard(trial_id)
 
     def _stage_done(self, iteration: int, generation: int, stage: int) -> bool:
         """Has every candidate of the generation that selection lets reach `stage` reported it?"""
