@@ -6,7 +6,7 @@ cd "$(dirname "$0")"
 python=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 export PIP_DISABLE_PIP_VERSION_CHECK=1
-.venv/bin/python -m pip install --quiet -c constraints.txt -e ".[dev]"
+.venv/bin/python -m pip install --quiet -c constraints.txt -e ".[dev,bench]"
 .venv/bin/python -m pip install --quiet --no-deps -r requirements-assets.txt
 # The held-out `literature` text ships in brotli's source package: downloaded (not built) beside the assets.
 [ -f .venv/share/tyrsearch-assets/brotli-1.2.1.tar.gz ] || .venv/bin/python -m pip download --quiet --no-deps \

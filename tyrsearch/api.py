@@ -94,22 +94,27 @@ def prune(model: ModelRef, *, sparsity: float, out: str | Path | None = None,
           attention_sparsity: float = 0.0, space: str | Path | None = None, sensitivity_seqs: int = 2,
           calib: str = DEFAULT_CALIB, calib_seqs: int = 64, seq_len: int = 512, sequential: bool = True,
           seed: int = 0, overwrite: bool = False, device: str = "auto", dtype: str = "auto",
-          progress: bool = True) -> PruneResult:
+          stream: bool | None = None, offload: bool = False, progress: bool = True) -> PruneResult:
     """Prune one-shot to `sparsity` of the decoder layers' prunable parameters: a local `criterion` chooses
     the units, `allocation` (uniform, owl, knapsack) how many per layer. Saved to `out` when given (an HF
-    folder with result.json; a loaded `model` is pruned in place)."""
+    folder with result.json; a loaded `model` is pruned in place).
+
+    `stream` walks the model one layer at a time on `device` with its weights on the host (None: when they
+    do not fit on the GPU; see `tyrsearch.streaming`); `offload` keeps the calibration hidden states on the
+    host too."""
     from tyrsearch import allocation as allocations
     from tyrsearch import data, metrics, texts
     from tyrsearch.local import make_criterion
     from tyrsearch.materialize import save_pruned
     from tyrsearch.models import adapter_for
-    from tyrsearch.placement import placement, placement_of
+    from tyrsearch.placement import DTYPE_NAMES, placement, placement_of
     from tyrsearch.pruner import OneShotConfig, one_shot
     from tyrsearch.search.knapsack import knapsack_prune
     from tyrsearch.space import load_space
+    from tyrsearch.streaming import Stream, fits, weight_bytes
 
     # everything a user can get wrong is checked before the model is loaded
-    placement(device, dtype)
+    where = placement(device, dtype)
     allocations.check_sparsity(sparsity)
     allocations.check_sparsity(attention_sparsity, parameter="attention_sparsity")
     make_criterion(criterion)
@@ -121,7 +126,18 @@ def prune(model: ModelRef, *, sparsity: float, out: str | Path | None = None,
         check_out_dir(Path(out), overwrite=overwrite)
     sources = [texts.read_text(name) for name in texts.mixture(calib)]
 
-    loaded = load(model, tokenizer, device=device, dtype=dtype)
+    if stream and allocation == "knapsack":
+        raise ParameterError("stream", "is for uniform and owl allocations: knapsack builds a supernet in memory")
+    # a reference for a GPU is loaded on the host first (a checkpoint in its own dtype is memory-mapped:
+    # nothing is read yet), then moved whole to the GPU where it fits, else streamed there layer by layer
+    on_host = isinstance(model, str | Path) and where.device.type != "cpu"
+    loaded = load(model, tokenizer, device="cpu" if on_host else device, dtype=DTYPE_NAMES[where.dtype] if on_host
+                  else dtype)
+    if stream is None:
+        stream = on_host and allocation != "knapsack" and not fits(weight_bytes(loaded.model), where.device)
+    if on_host and not stream:
+        loaded.model.to(where.device)
+    walk = Stream(device=where.device if stream else None, offload=offload)
     tokens = [data.tokenize(loaded.tokenizer, text) for text in sources]  # once, for calibration and sensitivity
     batches = data.mixed_batches(loaded.tokenizer, tokens, seq_len=seq_len, count=calib_seqs, seed=seed)
     before = {"params": metrics.total_params(loaded.model), "decoder_params": metrics.decoder_params(loaded.model)}
@@ -134,14 +150,15 @@ def prune(model: ModelRef, *, sparsity: float, out: str | Path | None = None,
     else:
         config = OneShotConfig(criterion=criterion, sparsity=sparsity, allocation=allocation,
                                attention_sparsity=attention_sparsity, sequential=sequential, seed=seed)
-        report = one_shot(loaded.model, config, batches, progress=progress)
+        report = one_shot(loaded.model, config, batches, stream=walk, progress=progress)
     figures = {
         "model": loaded.ref, "out": None if out is None else str(out),
         "params_before": before["params"], "params_after": metrics.total_params(loaded.model),
         "decoder_params_before": before["decoder_params"], "decoder_params_after": metrics.decoder_params(loaded.model),
         "calibration": {"source": calib, "sequences": calib_seqs, "seq_len": seq_len,
                         "tokens": int(batches.numel()), "seed": seed},
-        "placement": placement_of(loaded.model).to_json(),
+        "placement": {**placement_of(loaded.model).to_json(), **({"streamed_to": str(where.device)} if stream else {}),
+                      **({"offload": True} if offload else {})},
         **report,
     }
     if out is not None:

@@ -13,6 +13,7 @@ channels that float32 keeps either way); the statistics are summed in float64 al
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -53,36 +54,32 @@ class _StopForward(Exception):
 
 
 class LayerInputs:
-    """Hidden states entering decoder layer `self.layer` for a fixed set of token batches."""
+    """Hidden states entering decoder layer `self.layer` for a fixed set of token batches.
+
+    Each layer runs where its weights are: a walk that streams the model (weights on the host, one layer at
+    a time moved to the GPU, see `tyrsearch.streaming`) moves the layer, and the hidden states follow it.
+    They are kept on the device of the embeddings, or on the host with `offload` when they do not fit there.
+    """
 
     def __init__(self, model: nn.Module, adapter: FamilyAdapter, batches: torch.Tensor, *,
-                 batch_size: int = 8):
+                 batch_size: int = 8, offload: bool = False):
         self.model, self.adapter = model, adapter
         self.layer = 0
         layers = adapter.layers(model)
+        self.store = torch.device("cpu") if offload else model.get_input_embeddings().weight.device
         # Each layer's keyword inputs (position embeddings, masks per attention type) depend only on the
-        # sequence length, and broadcast over the batch: capture them once with a single sequence.
+        # sequence length, and broadcast over the batch: capture them once with a single sequence, every
+        # layer passing its input through (nothing is computed, so this costs no layer forward).
         self.layer_kwargs: list[dict] = [{} for _ in layers]
-
-        def keep_kwargs(idx):
-            def hook(module, args, kwargs):
-                self.layer_kwargs[idx] = {k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values")}
-                if idx == len(layers) - 1:
-                    raise _StopForward
-            return hook
-
-        self.hidden: list[torch.Tensor] = []  # each [batch, seq, hidden]
+        self.hidden: list[torch.Tensor] = []  # each [batch, seq, hidden], on self.store
 
         def keep_hidden(module, args, kwargs):
-            self.hidden.append(args[0] if args else kwargs["hidden_states"])
+            self.hidden.append((args[0] if args else kwargs["hidden_states"]).to(self.store))
             raise _StopForward
 
         with torch.no_grad():
-            handles = [layer.register_forward_pre_hook(keep_kwargs(i), with_kwargs=True)
-                       for i, layer in enumerate(layers)]
-            self._run_model(batches[:1])
-            for h in handles:
-                h.remove()
+            with _passing_through(layers, self.layer_kwargs):
+                self._run_model(batches[:1])
             handle = layers[0].register_forward_pre_hook(keep_hidden, with_kwargs=True)
             for chunk in batches.split(batch_size):
                 self._run_model(chunk)
@@ -91,7 +88,7 @@ class LayerInputs:
 
     def _run_model(self, input_ids: torch.Tensor) -> None:
         with contextlib.suppress(_StopForward):
-            self.model(input_ids=input_ids.to(self.model.device), use_cache=False)
+            self.model(input_ids=input_ids.to(self.model.get_input_embeddings().weight.device), use_cache=False)
 
     @torch.no_grad()
     def collect(self, modules: dict[str, nn.Linear]) -> dict[str, InputStats]:
@@ -107,20 +104,53 @@ class LayerInputs:
         return stats
 
     @torch.no_grad()
-    def advance(self, *, recompute: bool) -> None:
-        """Move to the next layer. recompute=True reruns the (possibly pruned) current layer;
-        otherwise the outputs seen by the last `collect` (the unpruned layer) are used."""
+    def advance(self, *, recompute: bool, layer: nn.Module | None = None) -> None:
+        """Move to the next layer. recompute=True reruns the (possibly pruned) current layer, or `layer` in
+        its place; otherwise the outputs seen by the last `collect` (the unpruned layer) are used."""
         if recompute or self._dense_next is None:
-            self.hidden = self._forward()
+            self.hidden = self._forward(layer)
         else:
             self.hidden = self._dense_next
         self._dense_next = None
         self.layer += 1
 
-    def _forward(self) -> list[torch.Tensor]:
-        layer = self.adapter.layers(self.model)[self.layer]
-        kwargs = self.layer_kwargs[self.layer]
-        return [_first(layer(h, **kwargs)) for h in self.hidden]
+    def _forward(self, layer: nn.Module | None = None) -> list[torch.Tensor]:
+        layer = self.adapter.layers(self.model)[self.layer] if layer is None else layer
+        device = next(layer.parameters()).device  # where the walk has put it
+        kwargs = _moved(self.layer_kwargs[self.layer], device)
+        return [_first(layer(h.to(device), **kwargs)).to(self.store) for h in self.hidden]
+
+
+@contextlib.contextmanager
+def _passing_through(layers: nn.ModuleList, kwargs_of: list[dict]) -> Iterator[None]:
+    """Every layer records its keyword inputs and returns its hidden states unchanged; the last one stops the
+    forward (the model's head is not needed)."""
+    def pass_through(idx: int):
+        def forward(hidden_states, *args, **kwargs):
+            kwargs_of[idx] = {k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values")}
+            if idx == len(layers) - 1:
+                raise _StopForward
+            return hidden_states
+        return forward
+
+    for idx, layer in enumerate(layers):
+        layer.forward = pass_through(idx)  # an instance attribute: nn.Module.__call__ finds it first
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward
+
+
+def _moved(value, device: torch.device):
+    """`value` (tensors in tuples, lists and dicts) on `device`."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple | list):
+        return type(value)(_moved(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _moved(v, device) for k, v in value.items()}
+    return value
 
 
 def _first(output):

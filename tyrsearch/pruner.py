@@ -19,6 +19,7 @@ from tyrsearch.calibration import InputStats, LayerInputs, first_order_saliency
 from tyrsearch.errors import UserError
 from tyrsearch.local import Criterion, make_criterion
 from tyrsearch.models import ATTENTION_UNITS, MLP, Q_HEADS, FamilyAdapter, KeptUnits, LayerShape, adapter_for
+from tyrsearch.streaming import Stream, on_device, release
 
 
 def dims_of(model: nn.Module) -> allocation.Dims:
@@ -53,66 +54,82 @@ def _unit_saliency(adapter: FamilyAdapter, saliency: dict, shape: LayerShape, un
 
 
 def prune(model: nn.Module, plan: list[LayerShape], criterion: Criterion, batches: torch.Tensor, *,
-          sequential: bool = True, batch_size: int = 8, progress: bool = True) -> nn.Module:
-    """Cut `model` in place to the shapes of `plan`, layer by layer."""
+          sequential: bool = True, batch_size: int = 8, stream: Stream | None = None,
+          progress: bool = True) -> nn.Module:
+    """Cut `model` in place to the shapes of `plan`, layer by layer (each streamed to `stream.device` when
+    given: see `tyrsearch.streaming`)."""
     adapter = adapter_for(model)
     head_dim = adapter.head_dim(model)
+    stream = stream or Stream()
     check_plan(plan, adapter.shapes(model), adapter)
     saliency = (first_order_saliency(model, adapter, batches, batch_size=batch_size, progress=progress)
                 if criterion.needs_gradients else None)
-    inputs = LayerInputs(model, adapter, batches, batch_size=batch_size) if criterion.needs_stats else None
+    inputs = LayerInputs(model, adapter, batches, batch_size=batch_size, offload=stream.offload) \
+        if criterion.needs_stats else None
     layers = adapter.layers(model)
     for idx in tqdm(range(len(layers)), desc=f"pruning ({criterion.name})", disable=not progress):
-        layer, target = layers[idx], plan[idx]
-        stats: dict[str, InputStats] = {}
-        if inputs is not None:
-            consumers = {"attention": adapter.consumer(layer, Q_HEADS), "mlp": adapter.consumer(layer, MLP)}
-            stats = inputs.collect({block: c for block, c in consumers.items() if c is not None})
-        changed = False
-        for unit in adapter.unit_types:
-            shape = adapter.shape(layer)
-            keep = target.units(unit)
-            if keep == shape.units(unit):
-                continue
-            stats_key = _block(unit)
-            group = adapter.group(layer.state_dict(), shape, unit, head_dim=head_dim)
-            if stats_key in stats:
-                s = stats[stats_key]
-                group = replace(group, xtx=s.xtx, x_sum=s.x_sum, tokens=s.tokens)
-            if saliency is not None:
-                group = replace(group, saliency=_unit_saliency(adapter, saliency[idx], shape, unit, head_dim))
-            selection = criterion.select(group, keep) if keep else KeptUnits(kept=torch.zeros(0, dtype=torch.long))
-            adapter.prune_layer_(layer, unit, selection, layer_idx=idx, head_dim=head_dim)
-            changed = True
-            # the surviving units' statistics and saliencies are unchanged: keep them, cut like the weights
-            if stats_key in stats:
-                stats[stats_key] = stats[stats_key].select(group.columns(selection.kept))
-            if saliency is not None:
-                saliency[idx], _ = adapter.slice(saliency[idx], shape, unit, KeptUnits(kept=selection.kept),
-                                                 head_dim=head_dim)
-        if inputs is not None and idx + 1 < len(layers):
-            inputs.advance(recompute=sequential and changed)
+        dense = list(layers[idx].parameters())
+        with on_device(layers[idx], stream.device) as layer:
+            target, device = plan[idx], next(layer.parameters()).device
+            stats: dict[str, InputStats] = {}
+            if inputs is not None:
+                consumers = {"attention": adapter.consumer(layer, Q_HEADS), "mlp": adapter.consumer(layer, MLP)}
+                stats = inputs.collect({block: c for block, c in consumers.items() if c is not None})
+            changed = False
+            for unit in adapter.unit_types:
+                shape = adapter.shape(layer)
+                keep = target.units(unit)
+                if keep == shape.units(unit):
+                    continue
+                stats_key = _block(unit)
+                group = adapter.group(layer.state_dict(), shape, unit, head_dim=head_dim)
+                if stats_key in stats:
+                    s = stats[stats_key]
+                    group = replace(group, xtx=s.xtx, x_sum=s.x_sum, tokens=s.tokens)
+                if saliency is not None:
+                    unit_saliency = _unit_saliency(adapter, saliency[idx], shape, unit, head_dim)
+                    group = replace(group, saliency=unit_saliency.to(device))
+                selection = criterion.select(group, keep) if keep else KeptUnits(kept=torch.zeros(0, dtype=torch.long))
+                adapter.prune_layer_(layer, unit, selection, layer_idx=idx, head_dim=head_dim)
+                changed = True
+                # the surviving units' statistics and saliencies are unchanged: keep them, cut like the weights
+                if stats_key in stats:
+                    stats[stats_key] = stats[stats_key].select(group.columns(selection.kept))
+                if saliency is not None:
+                    saliency[idx], _ = adapter.slice(saliency[idx], shape, unit, KeptUnits(kept=selection.kept),
+                                                     head_dim=head_dim)
+            if inputs is not None and idx + 1 < len(layers):
+                inputs.advance(recompute=sequential and changed)
+        kept = {id(p) for p in layers[idx].parameters()}
+        release(p for p in dense if id(p) not in kept)  # the dense weights that the cut replaced
     return model
 
 
-def outlier_ratios(model: nn.Module, batches: torch.Tensor, *, batch_size: int = 8) -> list[float]:
+def outlier_ratios(model: nn.Module, batches: torch.Tensor, *, batch_size: int = 8,
+                   stream: Stream | None = None) -> list[float]:
     """OWL's per-layer outlier ratio on the dense model (one calibration pass)."""
     adapter = adapter_for(model)
-    inputs = LayerInputs(model, adapter, batches, batch_size=batch_size)
+    stream = stream or Stream()
+    inputs = LayerInputs(model, adapter, batches, batch_size=batch_size, offload=stream.offload)
     ratios = []
-    for layer in adapter.layers(model):
-        attn, mlp = adapter.attention(layer), adapter.mlp(layer)
-        if attn is None or mlp is None:
-            raise UserError("owl measures outliers of a dense model: this one has layers without attention or "
-                            "MLP (or routed experts); use --allocation uniform or knapsack")
-        stats = inputs.collect({"q": attn.q, "o": attn.o, "gate": mlp.gate, "down": mlp.down})
-        norm = {k: s.xtx.diagonal().clamp_min(0).sqrt() for k, s in stats.items()}
-        pairs = [(attn.q.weight, norm["q"]), (attn.k.weight, norm["q"]), (attn.v.weight, norm["q"]),
-                 (attn.o.weight, norm["o"]), (mlp.gate.weight, norm["gate"]), (mlp.up.weight, norm["gate"]),
-                 (mlp.down.weight, norm["down"])]
-        ratios.append(allocation.outlier_ratio(pairs))
+    for dense_layer in adapter.layers(model):
+        with on_device(dense_layer, stream.device) as layer:
+            ratios.append(_outlier_ratio(adapter, layer, inputs))
         inputs.advance(recompute=False)
     return ratios
+
+
+def _outlier_ratio(adapter: FamilyAdapter, layer: nn.Module, inputs: LayerInputs) -> float:
+    attn, mlp = adapter.attention(layer), adapter.mlp(layer)
+    if attn is None or mlp is None:
+        raise UserError("owl measures outliers of a dense model: this one has layers without attention or "
+                        "MLP (or routed experts); use --allocation uniform or knapsack")
+    stats = inputs.collect({"q": attn.q, "o": attn.o, "gate": mlp.gate, "down": mlp.down})
+    norm = {k: s.xtx.diagonal().clamp_min(0).sqrt() for k, s in stats.items()}
+    pairs = [(attn.q.weight, norm["q"]), (attn.k.weight, norm["q"]), (attn.v.weight, norm["q"]),
+             (attn.o.weight, norm["o"]), (mlp.gate.weight, norm["gate"]), (mlp.up.weight, norm["gate"]),
+             (mlp.down.weight, norm["down"])]
+    return allocation.outlier_ratio(pairs)
 
 
 @dataclass(frozen=True)
@@ -128,7 +145,8 @@ class OneShotConfig:
     batch_size: int = 8
 
 
-def plan_for(model: nn.Module, config: OneShotConfig, batches: torch.Tensor) -> list[LayerShape]:
+def plan_for(model: nn.Module, config: OneShotConfig, batches: torch.Tensor, *,
+             stream: Stream | None = None) -> list[LayerShape]:
     """The per-layer shapes that `config.allocation` gives for `config.sparsity`."""
     adapter = adapter_for(model)
     dense, dims = adapter.shapes(model), dims_of(model)
@@ -137,25 +155,27 @@ def plan_for(model: nn.Module, config: OneShotConfig, batches: torch.Tensor) -> 
                                   dims=dims)
     if config.allocation == "owl":
         allocation.check_sparsity(config.sparsity)
-        ratios = outlier_ratios(model, batches, batch_size=config.batch_size)
+        ratios = outlier_ratios(model, batches, batch_size=config.batch_size, stream=stream)
         return allocation.owl(dense, sparsity=config.sparsity, outlier_ratios=ratios,
                               attention_sparsity=config.attention_sparsity, dims=dims)
     raise UserError(f"unknown allocation {config.allocation!r}: choose one of {', '.join(allocation.ALLOCATIONS)}")
 
 
-def one_shot(model: nn.Module, config: OneShotConfig, batches: torch.Tensor, *, progress: bool = True) -> dict:
-    """Prune `model` in place; returns what was done (shapes before/after, sparsity, times)."""
+def one_shot(model: nn.Module, config: OneShotConfig, batches: torch.Tensor, *, stream: Stream | None = None,
+             progress: bool = True) -> dict:
+    """Prune `model` in place (streamed as `stream` says); returns what was done (shapes before/after,
+    sparsity, times)."""
     adapter = adapter_for(model)
     criterion = make_criterion(config.criterion, seed=config.seed)
     dense = adapter.shapes(model)
     start = time.perf_counter()
     try:
-        plan = plan_for(model, config, batches)
+        plan = plan_for(model, config, batches, stream=stream)
     except allocation.Infeasible as exc:
         raise exc.as_parameter_error() from None
     allocated = time.perf_counter()
     prune(model, plan, criterion, batches, sequential=config.sequential, batch_size=config.batch_size,
-          progress=progress)
+          stream=stream, progress=progress)
     done = time.perf_counter()
     return {
         "criterion": config.criterion,

@@ -31,6 +31,10 @@ from tyrsearch.cli import options
 @options.out_dir("folder for the pruned HF model and result.json")
 @options.overwrite()
 @options.placement()
+@click.option("--stream/--no-stream", default=None,
+              help="walk the model one layer at a time on the device, its weights on the host "
+                   "[default: when they do not fit on the GPU]")
+@click.option("--offload", is_flag=True, help="keep the calibration hidden states on the host too")
 @options.as_json()
 def prune_command(model_ref: str, out_dir: Path, as_json: bool, **settings) -> None:
     """Prune a model one-shot with a local criterion and a layer allocation; save it as an HF folder."""
