@@ -224,7 +224,7 @@ def table(results: dict) -> str:
     lines = ["| shape | params | dtype | weights GB | prune wall s | per layer s (solves %) | peak RSS GB "
              "(x weights) | supernet s/layer | candidate s (512 tok) | walk / solve GFLOP per layer |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    for row in results["rows"].values():
+    for row in sorted(results["rows"].values(), key=lambda r: (r.get("params") or 0, r["dtype"])):
         prune, supernet, candidate = row.get("prune"), row.get("supernet"), row.get("candidate")
         cells = [row["shape"], f"{row['params'] / 1e9:.2f} B", row["dtype"]]
         cells += [f"{prune['weights_bytes'] / 1e9:.2f}", f"{prune['wall_s']:.0f}",
