@@ -124,12 +124,12 @@ def measure_prune(folder: Path, dtype: torch.dtype) -> dict:
     plan = allocation.uniform(dense, sparsity=SPARSITY, attention_sparsity=0.0, dims=dims_of(model))
     walk = time.perf_counter()
     prune(model, plan, TimedOsscar(), batches, progress=False)
-    pruned = time.perf_counter()
+    pruned, pruning_peak = time.perf_counter(), peak_bytes()
     with tempfile.TemporaryDirectory() as out:
         save_pruned(model, tokenizer, Path(out) / "model")
     return {"params": params, "weights_bytes": weights, "wall_s": time.perf_counter() - tic, "prune_s": pruned - walk,
             "solve_s": TimedOsscar.seconds, "walk_s": pruned - walk - TimedOsscar.seconds,
-            "peak_bytes": peak_bytes()}
+            "peak_bytes": peak_bytes(), "peak_before_save_bytes": pruning_peak}
 
 
 def measure_supernet(folder: Path, dtype: torch.dtype) -> dict:
@@ -248,6 +248,7 @@ def plot(results: dict) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     figure, (time_axis, memory_axis) = plt.subplots(1, 2, figsize=(10, 4))
     for dtype in ("bfloat16", "float32"):
@@ -263,6 +264,7 @@ def plot(results: dict) -> None:
     time_axis.set(xlabel="parameters", ylabel="seconds", title="one-shot osscar 30%, 8 x 512 tokens")
     memory_axis.set(xlabel="parameters", ylabel="GB", title="host memory")
     for axis in (time_axis, memory_axis):
+        axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # decades only: no overlapping labels
         axis.legend(fontsize=8)
         axis.grid(True, which="both", alpha=0.3)
     figure.tight_layout()

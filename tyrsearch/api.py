@@ -121,13 +121,13 @@ def prune(model: ModelRef, *, sparsity: float, out: str | Path | None = None,
     if allocation not in ALLOCATIONS:
         raise ParameterError("allocation", f"{allocation!r} is unknown: choose one of {', '.join(ALLOCATIONS)}")
     _check_at_least(calib_seqs=(calib_seqs, 1), seq_len=(seq_len, 2), sensitivity_seqs=(sensitivity_seqs, 1))
+    if stream and allocation == "knapsack":
+        raise ParameterError("stream", "is for uniform and owl allocations: knapsack builds a supernet in memory")
     chosen_space = load_space(str(space)) if space else None
     if out is not None:
         check_out_dir(Path(out), overwrite=overwrite)
     sources = [texts.read_text(name) for name in texts.mixture(calib)]
 
-    if stream and allocation == "knapsack":
-        raise ParameterError("stream", "is for uniform and owl allocations: knapsack builds a supernet in memory")
     # a reference for a GPU is loaded on the host first (a checkpoint in its own dtype is memory-mapped:
     # nothing is read yet), then moved whole to the GPU where it fits, else streamed there layer by layer
     on_host = isinstance(model, str | Path) and where.device.type != "cpu"
