@@ -34,7 +34,6 @@ from tyrsearch.local import Criterion
 from tyrsearch.models import ATTENTION_UNITS, EXPERTS, MLP, Q_HEADS, Experts, KeptUnits, LayerShape, adapter_for
 from tyrsearch.moe.stats import co_selection
 from tyrsearch.space import SearchSpace
-from tyrsearch.streaming import Stream, on_device
 
 MANIFEST = "manifest.json"
 
@@ -164,9 +163,8 @@ def _in_dtype(selection: KeptUnits, dtype: torch.dtype) -> KeptUnits:
 
 def build_supernet(model: nn.Module, criterion: Criterion, batches: torch.Tensor, *, space: SearchSpace,
                    centre: list[LayerShape], expectation: bool = True, batch_size: int = 8,
-                   stream: Stream | None = None, progress: bool = True) -> Supernet:
-    """Local variants of every layer at every level of `space` around `centre` (the dense model is untouched;
-    each layer streamed to `stream.device` when given).
+                   progress: bool = True) -> Supernet:
+    """Local variants of every layer at every level of `space` around `centre` (the dense model is untouched).
 
     expectation=True calibrates layer l on layers < l at their centre variant; False on the dense model.
     """
@@ -175,45 +173,43 @@ def build_supernet(model: nn.Module, criterion: Criterion, batches: torch.Tensor
     space.check_model(dense_shapes, adapter.unit_types)
     head_dim = adapter.head_dim(model)
     dtype = next(model.parameters()).dtype  # variants are kept (and stored) in the model's dtype
-    stream = stream or Stream()
-    inputs = LayerInputs(model, adapter, batches, batch_size=batch_size, offload=stream.offload)
+    inputs = LayerInputs(model, adapter, batches, batch_size=batch_size)
     units = [u for u in adapter.unit_types if u in space.units]
     grid, variants, input_rms = [], {}, []
-    for idx, dense_layer in enumerate(tqdm(adapter.layers(model), desc=f"supernet ({criterion.name})",
-                                           disable=not progress)):
-        with on_device(dense_layer, stream.device) as layer:
-            input_rms.append(torch.cat(inputs.hidden).float().pow(2).mean().sqrt().item())
-            blocks = {"attention": adapter.consumer(layer, Q_HEADS), "mlp": adapter.consumer(layer, MLP)}
-            with _coselection(adapter.experts(layer) if EXPERTS in units else None) as coselection:
-                stats = inputs.collect({b: c for b, c in blocks.items() if c is not None})
-            state, shape = layer.state_dict(), adapter.shape(layer)
-            grid.append({})
-            for unit in units:
-                if unit == EXPERTS and not shape.experts:
-                    continue  # a dense MLP layer of an MoE model: no experts to search
-                spec = space.units[unit]
-                keeps = level_keeps(centre=centre[idx].units(unit), step=spec.step, levels=space.levels,
-                                    min_keep=spec.floor(shape.units(unit)), units=shape.units(unit))
-                grid[idx][unit] = keeps
-                group = adapter.group(state, shape, unit, head_dim=head_dim)
-                if unit == EXPERTS:
-                    group = replace(group, coselection=coselection.counts)
-                else:
-                    s = stats["attention" if unit in ATTENTION_UNITS else "mlp"]
-                    group = replace(group, xtx=s.xtx, x_sum=s.x_sum, tokens=s.tokens)
-                nonzero = [k for k in keeps if k]
-                by_keep = {k: _in_dtype(sel, dtype) for k, sel in criterion.select_many(group, nonzero).items()} \
-                    if nonzero else {}
-                by_keep[0] = KeptUnits(kept=torch.zeros(0, dtype=torch.long))  # the block is removed
-                for level, keep in zip(range(-space.levels, space.levels + 1), keeps, strict=True):
-                    variants[(idx, unit, level)] = by_keep[keep]
-            if idx + 1 < len(dense_shapes) and expectation:
-                expected = copy.deepcopy(layer)  # a copy of one layer cut to its centre: the model stays dense
+    for idx, layer in enumerate(tqdm(adapter.layers(model), desc=f"supernet ({criterion.name})",
+                                     disable=not progress)):
+        input_rms.append(torch.cat(inputs.hidden).float().pow(2).mean().sqrt().item())
+        blocks = {"attention": adapter.consumer(layer, Q_HEADS), "mlp": adapter.consumer(layer, MLP)}
+        with _coselection(adapter.experts(layer) if EXPERTS in units else None) as coselection:
+            stats = inputs.collect({b: c for b, c in blocks.items() if c is not None})
+        state, shape = layer.state_dict(), adapter.shape(layer)
+        grid.append({})
+        for unit in units:
+            if unit == EXPERTS and not shape.experts:
+                continue  # a dense MLP layer of an MoE model: no experts to search
+            spec = space.units[unit]
+            keeps = level_keeps(centre=centre[idx].units(unit), step=spec.step, levels=space.levels,
+                                min_keep=spec.floor(shape.units(unit)), units=shape.units(unit))
+            grid[idx][unit] = keeps
+            group = adapter.group(state, shape, unit, head_dim=head_dim)
+            if unit == EXPERTS:
+                group = replace(group, coselection=coselection.counts)
+            else:
+                s = stats["attention" if unit in ATTENTION_UNITS else "mlp"]
+                group = replace(group, xtx=s.xtx, x_sum=s.x_sum, tokens=s.tokens)
+            nonzero = [k for k in keeps if k]
+            by_keep = {k: _in_dtype(sel, dtype) for k, sel in criterion.select_many(group, nonzero).items()} \
+                if nonzero else {}
+            by_keep[0] = KeptUnits(kept=torch.zeros(0, dtype=torch.long))  # the block is removed
+            for level, keep in zip(range(-space.levels, space.levels + 1), keeps, strict=True):
+                variants[(idx, unit, level)] = by_keep[keep]
+        if idx + 1 < len(dense_shapes):
+            expected = None
+            if expectation:  # a copy of this one layer cut to its centre: the model stays dense
+                expected = copy.deepcopy(layer)
                 for unit in grid[idx]:
                     adapter.prune_layer_(expected, unit, variants[(idx, unit, 0)], layer_idx=idx, head_dim=head_dim)
-                inputs.advance(recompute=True, layer=expected)
-            elif idx + 1 < len(dense_shapes):
-                inputs.advance(recompute=False)
+            inputs.advance(recompute=expectation, layer=expected)
     manifest = {
         "model": fingerprint(list(model.state_dict().values())),
         "calibration": fingerprint([batches]),
