@@ -11,6 +11,7 @@ it took), so a folder that `benchmarks/transfer.py` searched with the same setti
 
     .venv/bin/python benchmarks/search.py                   # targets 0.3 and 0.5 (about 1 h on 2 cores)
     .venv/bin/python benchmarks/search.py --targets 0.5 --space my-small-space.yaml
+    .venv/bin/python benchmarks/search.py --targets 0.5 --dtype bfloat16    # the same in bf16, side by side
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import time
 from pathlib import Path
 
 import optuna
+import torch
 from report import ROOT, environment, load, save
 
 import tyrsearch
@@ -83,11 +85,11 @@ def evaluation_ratio(out: Path, study_name: str, dense, tokenizer, *, generation
     return {"ratio": cheap / full, "evaluations": evaluated, "cheap_s": cheap, "full_s": full}
 
 
-def searched(out: Path, target: float, calib_seqs: int, space: str | None) -> dict:
+def searched(out: Path, target: float, calib_seqs: int, space: str | None, dtype: str) -> dict:
     """result.json of the search into `out`: run (or resumed) through the API unless it finished before."""
     result = out / "result.json"
     if not result.exists():
-        tyrsearch.search(MODEL, target=target, out=out, calib_seqs=calib_seqs, space=space, seed=0,
+        tyrsearch.search(MODEL, target=target, out=out, calib_seqs=calib_seqs, space=space, seed=0, dtype=dtype,
                          resume=(out / "study.db").exists())
     figures = json.loads(result.read_text())
     asked = {"source": texts.DEFAULT_CALIB, "sequences": calib_seqs, "seq_len": 512, "seed": 0}
@@ -119,7 +121,8 @@ def table(results: dict) -> str:
                      f"{s['times_s']['search']:.0f} | {s['trials']} | {fit} | {s['evaluation']['ratio']:.2f} | "
                      f"{s['supernet_disk_ratio']:.2f} |")
     st = results.get("settings", {})
-    lines += ["", f"SmolLM2-135M, dense ppl {dense:.2f}. Held-out `{HELD_OUT}` ppl at seq 512 on "
+    lines += ["", f"SmolLM2-135M in {st.get('dtype', 'float32')}, dense ppl {dense:.2f}. Held-out `{HELD_OUT}` "
+              "ppl at seq 512 on "
               f"{st.get('eval_tokens')} tokens; calibration `{st.get('calib')}` {st.get('calib_seqs')} x 512 tokens; "
               "local pruner osscar everywhere (`tyrsearch.prune` and `tyrsearch.search`, defaults). uniform/owl keep "
               f"attention dense; the search runs its space ({st.get('space')}: {st.get('iterations')} iterations x "
@@ -132,29 +135,33 @@ def table(results: dict) -> str:
 
 
 def run(args) -> None:
-    results = load(NAME)
+    name = NAME if args.dtype == "float32" else f"{NAME}-{args.dtype}"
+    runs = args.runs or (RUNS if args.dtype == "float32" else RUNS.with_name(f"{RUNS.name}-{args.dtype}"))
+    dtype = getattr(torch, args.dtype)
+    results = load(name)
     space = load_space(args.space or "llama")
     settings = {"eval_tokens": args.eval_tokens, "calib": texts.DEFAULT_CALIB, "calib_seqs": args.calib_seqs,
                 "space": args.space or "search_spaces/llama.yaml", "iterations": space.iterations,
                 "generations": space.generations, "offspring": space.offspring,
-                "selection": " -> ".join(f"{s.survivors}@{s.tokens}" for s in space.selection)}
+                "selection": " -> ".join(f"{s.survivors}@{s.tokens}" for s in space.selection),
+                **({"dtype": args.dtype} if args.dtype != "float32" else {})}
     if results.get("settings") != settings:
         results = {}
     results.update(settings=settings, environment=environment())
     results.setdefault("targets", {})
-    dense, tokenizer = assets.load_model(MODEL)
+    dense, tokenizer = assets.load_model(MODEL, dtype=dtype)
     heldout = data.eval_batches(tokenizer, texts.read_text(HELD_OUT), seq_len=512, max_tokens=args.eval_tokens)
     adapter = adapter_for(dense)
     shapes, dims = adapter.shapes(dense), adapter.dims(dense)
     if "dense" not in results:
         results["dense"] = {**metrics.perplexity(dense, heldout), "decoder_params": metrics.decoder_params(dense)}
-        save(NAME, results, table(results))
+        save(name, results, table(results))
 
     def record(target: str, name: str, model, sparsity: float) -> None:
         row = results["targets"].setdefault(target, {"ppl": {}, "sparsity": {}})
         row["ppl"][name] = metrics.perplexity(model, heldout)["ppl"]
         row["sparsity"][name] = sparsity
-        save(NAME, results, table(results))
+        save(name, results, table(results))
         print(f"{target} {name}: ppl {row['ppl'][name]:.2f}", flush=True)
 
     for target in args.targets:
@@ -163,12 +170,13 @@ def run(args) -> None:
         for allocation in ("uniform", "owl"):
             if allocation not in done:
                 pruned = tyrsearch.prune(copy.deepcopy(dense), tokenizer=tokenizer, sparsity=target,
-                                         allocation=allocation, calib_seqs=args.calib_seqs, progress=False)
+                                         allocation=allocation, calib_seqs=args.calib_seqs, dtype=args.dtype,
+                                         progress=False)
                 record(key, allocation, pruned.model, pruned.figures["achieved_sparsity"])
         if "searched" in done:
             continue
-        out = args.runs / f"t{target}"
-        figures = searched(out, target, args.calib_seqs, args.space)
+        out = runs / f"t{target}"
+        figures = searched(out, target, args.calib_seqs, args.space, args.dtype)
         study = optuna.load_study(study_name=figures["study"]["name"], storage=f"sqlite:///{out / 'study.db'}")
         start = start_candidate(study, dense)
         record(key, "knapsack start", start, sparsity_of(adapter.shapes(start), shapes, dims))
@@ -181,7 +189,7 @@ def run(args) -> None:
                                                                          for p in dense.parameters()),
             "layers": figures["layers"],
         }
-        record(key, "searched", assets.load_model(str(out / "model"))[0], figures["achieved_sparsity"])
+        record(key, "searched", assets.load_model(str(out / "model"), dtype=dtype)[0], figures["achieved_sparsity"])
 
 
 def main() -> None:
@@ -190,7 +198,10 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=65536)
     parser.add_argument("--calib-seqs", type=int, default=32)
     parser.add_argument("--space", help="a search space file instead of the family's (e.g. a smaller quick one)")
-    parser.add_argument("--runs", type=Path, default=RUNS, help="where the searches' run folders go")
+    parser.add_argument("--runs", type=Path, default=None,
+                        help="where the searches' run folders go (default: runs/bench-search[-DTYPE])")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="the precision of every model and search (bfloat16: results/search-bfloat16.json)")
     parser.add_argument("--replay-generations", type=int, default=2)
     run(parser.parse_args())
 

@@ -68,3 +68,20 @@ def test_search_on_smollm2_writes_a_reloadable_winner(tmp_path):
     assert [s.intermediate for s in shapes] == [b["intermediate_size"] for b in summary["layers"]]
     assert metrics.decoder_params(reloaded) == summary["decoder_params_after"]
     assert (out / "report.html").stat().st_size > 1000
+
+
+def test_prune_and_heal_on_smollm2_lowers_the_held_out_perplexity(tmp_path):
+    """`prune` with two heal steps (2 x 4 x 256 tokens of c4 and wiki): the healed model reloads with the
+    one-shot model's shapes and is closer to the dense model on held-out text."""
+    from tyrsearch import api
+
+    out = tmp_path / "healed"
+    result = api.prune("smollm2-135m", sparsity=0.3, criterion="wanda", calib_seqs=4, seq_len=256, out=out,
+                       eval_text="wiki-summaries", eval_tokens=1024, heal_steps=2, heal_lr=3e-4, progress=False)
+    before = result.figures["held_out"]["wiki-summaries"]["ppl"]
+    after = result.figures["heal"]["held_out"]["wiki-summaries"]["ppl"]
+    assert after < 0.95 * before, (before, after)
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert adapter_for(reloaded).shapes(reloaded) == adapter_for(result.model).shapes(result.model)
+    oneshot = AutoModelForCausalLM.from_pretrained(tmp_path / "healed-oneshot")
+    assert adapter_for(oneshot).shapes(oneshot) == adapter_for(reloaded).shapes(reloaded)

@@ -14,11 +14,13 @@ prints and writes to result.json.
 
 from __future__ import annotations
 
+import copy
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tyrsearch.atomic import write_json
 from tyrsearch.errors import ParameterError, mention
 from tyrsearch.results import Evaluation, ExportResult, PruneResult, SearchResult
 from tyrsearch.texts import DEFAULT_CALIB, HELD_OUT_DOMAINS
@@ -94,16 +96,24 @@ def prune(model: ModelRef, *, sparsity: float, out: str | Path | None = None,
           attention_sparsity: float = 0.0, space: str | Path | None = None, sensitivity_seqs: int = 2,
           calib: str = DEFAULT_CALIB, calib_seqs: int = 64, seq_len: int = 512, sequential: bool = True,
           seed: int = 0, overwrite: bool = False, device: str = "auto", dtype: str = "auto",
-          stream: bool | None = None, offload: bool = False, progress: bool = True) -> PruneResult:
+          stream: bool | None = None, offload: bool = False, eval_text: str = ",".join(HELD_OUT_DOMAINS),
+          eval_tokens: int = 0, heal_steps: int = 0, heal_text: str = "c4,wiki", heal_lr: float = 1e-4,
+          heal_train: str = "mlp", heal_method: str = "full", progress: bool = True) -> PruneResult:
     """Prune one-shot to `sparsity` of the decoder layers' prunable parameters: a local `criterion` chooses
     the units, `allocation` (uniform, owl, knapsack) how many per layer. Saved to `out` when given (an HF
-    folder with result.json; a loaded `model` is pruned in place).
+    folder with result.json; a loaded `model` is pruned in place). With `eval_tokens`, its perplexity on
+    each of `eval_text` (windows of `seq_len`).
+
+    `heal_steps` distils the pruned model from the dense one afterwards (`tyrsearch.distill` on `heal_text`,
+    `heal_train` mlp or all, `heal_method` full or lora): `out` is then the healed model and `out`-oneshot
+    the one before; figures["heal"] has the loss curve and the perplexities before and after.
 
     `stream` walks the model one layer at a time on `device` with its weights on the host (None: when they
     do not fit on the GPU; see `tyrsearch.streaming`); `offload` keeps the calibration hidden states on the
     host too."""
     from tyrsearch import allocation as allocations
     from tyrsearch import data, metrics, texts
+    from tyrsearch.healing import Heal
     from tyrsearch.local import make_criterion
     from tyrsearch.materialize import save_pruned
     from tyrsearch.models import adapter_for
@@ -115,18 +125,27 @@ def prune(model: ModelRef, *, sparsity: float, out: str | Path | None = None,
 
     # everything a user can get wrong is checked before the model is loaded
     where = placement(device, dtype)
+    heal = Heal(steps=heal_steps, text=heal_text, lr=heal_lr, train=heal_train, method=heal_method)
+    if heal.steps and out is None:
+        raise ParameterError("heal_steps", f"needs {mention('out')}: healing keeps its checkpoints beside it")
     allocations.check_sparsity(sparsity)
     allocations.check_sparsity(attention_sparsity, parameter="attention_sparsity")
     make_criterion(criterion)
     if allocation not in ALLOCATIONS:
         raise ParameterError("allocation", f"{allocation!r} is unknown: choose one of {', '.join(ALLOCATIONS)}")
-    _check_at_least(calib_seqs=(calib_seqs, 1), seq_len=(seq_len, 2), sensitivity_seqs=(sensitivity_seqs, 1))
+    _check_at_least(calib_seqs=(calib_seqs, 1), seq_len=(seq_len, 2), sensitivity_seqs=(sensitivity_seqs, 1),
+                    eval_tokens=(eval_tokens, 0))
     if stream and allocation == "knapsack":
         raise ParameterError("stream", "is for uniform and owl allocations: knapsack builds a supernet in memory")
     chosen_space = load_space(str(space)) if space else None
     if out is not None:
         check_out_dir(Path(out), overwrite=overwrite)
+    if heal.steps:
+        check_out_dir(oneshot_dir(Path(out)), overwrite=overwrite)
+        for name in texts.mixture(heal.text):
+            texts.read_text(name)
     sources = [texts.read_text(name) for name in texts.mixture(calib)]
+    held_out = {name: texts.read_text(name) for name in texts.mixture(eval_text)} if eval_tokens else {}
 
     # a reference for a GPU is loaded on the host first (a checkpoint in its own dtype is memory-mapped:
     # nothing is read yet), then moved whole to the GPU where it fits, else streamed there layer by layer
@@ -135,6 +154,8 @@ def prune(model: ModelRef, *, sparsity: float, out: str | Path | None = None,
                   else dtype)
     if stream is None:
         stream = on_host and allocation != "knapsack" and not fits(weight_bytes(loaded.model), where.device)
+    # the teacher of the heal: a reference is loaded again, a loaded model (pruned in place) copied first
+    teacher = None if not heal.steps else model if isinstance(model, str | Path) else copy.deepcopy(loaded.model)
     if on_host and not stream:
         loaded.model.to(where.device)
     walk = Stream(device=where.device if stream else None, offload=offload)
@@ -161,10 +182,48 @@ def prune(model: ModelRef, *, sparsity: float, out: str | Path | None = None,
                       **({"offload": True} if offload else {})},
         **report,
     }
-    if out is not None:
+    if held_out:
+        figures["held_out"] = metrics.held_out(loaded.model, loaded.tokenizer, held_out, seq_len=seq_len,
+                                               max_tokens=eval_tokens, progress=progress)
+    if out is None:
+        return PruneResult(figures=figures, out=None, model=loaded.model, tokenizer=loaded.tokenizer)
+    if not heal.steps:
         save_pruned(loaded.model, loaded.tokenizer, out, result=figures)
-    return PruneResult(figures=figures, out=None if out is None else Path(out), model=loaded.model,
-                       tokenizer=loaded.tokenizer)
+        return PruneResult(figures=figures, out=Path(out), model=loaded.model, tokenizer=loaded.tokenizer)
+    save_pruned(loaded.model, loaded.tokenizer, oneshot_dir(Path(out)), result=figures)
+    tokenizer = loaded.tokenizer
+    del loaded  # the pruned model is read back from its folder as the heal's student
+    healed = heal_saved(teacher, oneshot_dir(Path(out)), Path(out), heal, tokenizer=tokenizer, held_out=held_out,
+                        seq_len=seq_len, eval_tokens=eval_tokens, overwrite=overwrite, device=device, dtype=dtype,
+                        progress=progress)
+    figures = {**figures, "heal": healed.figures}
+    write_json(Path(out) / "result.json", figures)
+    return PruneResult(figures=figures, out=Path(out), model=healed.model, tokenizer=tokenizer)
+
+
+def oneshot_dir(out: Path) -> Path:
+    """Where `prune` with healing saves the model before the heal: beside `out`."""
+    return out.with_name(out.name + "-oneshot")
+
+
+def heal_saved(teacher: ModelRef, oneshot: Path, out: Path, heal, *, tokenizer: PreTrainedTokenizerBase,
+               held_out: dict[str, str], seq_len: int, eval_tokens: int, overwrite: bool = False,
+               device: str = "auto", dtype: str = "auto", progress: bool = True):
+    """The pruned model saved in `oneshot` distilled from `teacher` (a `tyrsearch.healing.Heal`) into `out`:
+    a DistillResult whose figures are what result.json says of the heal (the loss curve, the epochs over the
+    text and, on `held_out` texts, the perplexities after it). Warmup: a tenth of the steps, at most 20."""
+    from tyrsearch import metrics
+    from tyrsearch.healing import HEAL_BATCH, HEAL_SEQ_LEN
+
+    healed = distill(teacher, oneshot, out=out, tokenizer=tokenizer, steps=heal.steps, batch_size=HEAL_BATCH,
+                     seq_len=HEAL_SEQ_LEN, lr=heal.lr, warmup=min(20, heal.steps // 10), train=heal.train,
+                     method=heal.method, text=heal.text, eval_tokens=0, overwrite=overwrite, device=device,
+                     dtype=dtype, progress=progress)
+    figures = {key: value for key, value in healed.figures.items() if key not in ("teacher", "student", "out")}
+    if held_out:
+        figures["held_out"] = metrics.held_out(healed.model, tokenizer, held_out, seq_len=seq_len,
+                                               max_tokens=eval_tokens, progress=progress)
+    return replace(healed, figures=figures)
 
 
 def search(model: ModelRef, *, target: float, out: str | Path, tokenizer: PreTrainedTokenizerBase | None = None,
@@ -176,13 +235,20 @@ def search(model: ModelRef, *, target: float, out: str | Path, tokenizer: PreTra
            address: str | None = None,
            heartbeat: int = 10, seed: int = 0, resume: bool = False, supernet_dir: str | Path | None = None,
            no_rebuild: bool = False, eval_tokens: int = 0, eval_text: str = ",".join(HELD_OUT_DOMAINS),
-           device: str = "auto", dtype: str = "auto", progress: bool = True) -> SearchResult:
+           device: str = "auto", dtype: str = "auto", heal_steps: int = 0, heal_text: str = "c4,wiki",
+           heal_lr: float = 1e-4, heal_train: str = "mlp", heal_method: str = "full", heal_candidates: int = 0,
+           heal_select_steps: int = 50, rounds: int = 1, progress: bool = True) -> SearchResult:
     """Search how much to prune in each layer so that `target` of the dense model's `budget` (params, flops
     or latency) is removed: a coarse-to-fine evolution over a supernet, kept in an Optuna study (`storage`,
     default sqlite:///OUT/study.db; `resume=True` continues it). The winner is saved to OUT/model with
     OUT/result.json and OUT/report.html; with `eval_tokens`, its perplexity on each `eval_text` too. The
     search process runs the model on `device` in `dtype`; workers evaluate in the same dtype on their own
-    device."""
+    device. `heal_steps` heals the winner as `prune` does: OUT/model is the healed model, OUT/model-oneshot
+    the one before, and with `eval_tokens` result.json has the held-out perplexities before and after.
+    `heal_candidates=K` heals the K best distinct candidates `heal_select_steps` steps each and keeps the one
+    closest to the dense model on held-back tokens (`tyrsearch.search.heal_select`). `rounds=R` reaches the
+    target in R searches, each healed, each starting from the last one's model (`tyrsearch.search.rounds`)."""
+    from tyrsearch.healing import Heal
     from tyrsearch.search.pipeline import SearchRequest, run_search
 
     request = SearchRequest(
@@ -192,7 +258,14 @@ def search(model: ModelRef, *, target: float, out: str | Path, tokenizer: PreTra
         sensitivity_seqs=sensitivity_seqs, latency_seq_len=latency_seq_len, storage=storage, study_name=study_name,
         runner=runner, workers=workers, worker_threads=worker_threads, address=address, heartbeat=heartbeat,
         seed=seed, resume=resume, supernet_dir=None if supernet_dir is None else Path(supernet_dir),
-        no_rebuild=no_rebuild, eval_tokens=eval_tokens, eval_text=eval_text, device=device, dtype=dtype)
+        no_rebuild=no_rebuild, eval_tokens=eval_tokens, eval_text=eval_text, device=device, dtype=dtype,
+        heal=Heal(steps=heal_steps, text=heal_text, lr=heal_lr, train=heal_train, method=heal_method,
+                  candidates=heal_candidates, select_steps=heal_select_steps))
+    _check_at_least(rounds=(rounds, 1))
+    if rounds > 1:
+        from tyrsearch.search.rounds import run_rounds
+
+        return run_rounds(model, request, rounds, tokenizer=tokenizer, progress=progress)
     return run_search(model, request, tokenizer=tokenizer, progress=progress)
 
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from tyrsearch.assets import task_data_path
-from tyrsearch.data import bos_id
+from tyrsearch.data import bos_id, eval_batches
 from tyrsearch.errors import UserError
 
 KNOWN_TASKS: tuple[str, ...] = ("arc_easy", "piqa", "hellaswag", "winogrande")
@@ -112,6 +112,13 @@ class Reference:
             positions += lp.shape[0]
         return total, positions
 
+
+
+def held_out(model, tokenizer, texts: dict[str, str], *, seq_len: int, max_tokens: int,
+             progress: bool = True) -> dict[str, dict]:
+    """``{name: perplexity(...)}`` on the first ``max_tokens`` of each text, in windows of ``seq_len``."""
+    return {name: perplexity(model, eval_batches(tokenizer, text, seq_len=seq_len, max_tokens=max_tokens),
+                             progress=progress) for name, text in texts.items()}
 
 def _mass(log_probs: torch.Tensor) -> torch.Tensor:
     return log_probs.exp().sum(-1, dtype=torch.float64)

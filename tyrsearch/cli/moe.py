@@ -82,7 +82,11 @@ def moefy_command(model_ref: str, out_dir: Path, as_json: bool, **settings) -> N
               help="softmax temperature of both distributions (the loss is scaled by its square)")
 @click.option("--train", default="mlp", show_default=True, type=click.Choice(["mlp", "all"]),
               help="mlp: only the MLP / MoE blocks (experts and routers) train; all: every weight")
-@click.option("--text", default="c4", show_default=True, help=f"training text: {options.TEXT_HELP}")
+@click.option("--method", default="full", show_default=True, type=click.Choice(["full", "lora"]),
+              help="full: the --train weights train; lora: LoRA adapters on those projections (peft), merged into "
+                   "the weights at the end (same shapes)")
+@click.option("--text", default="c4", show_default=True,
+              help=f"training text: {options.TEXT_HELP}; several joined by commas (c4,wiki) are all used")
 @click.option("--save-every", default=50, show_default=True, type=click.IntRange(min=1),
               help="steps between checkpoints (a rerun resumes from the last)")
 @options.seed()
@@ -96,11 +100,6 @@ def moefy_command(model_ref: str, out_dir: Path, as_json: bool, **settings) -> N
 def distill_command(teacher_ref: str, student_ref: str, out_dir: Path, as_json: bool, **settings) -> None:
     """Train a moefied or pruned student to match its dense teacher's next-token distributions (KL), on
     --text, with checkpoints: interrupted, the same command resumes where it stopped."""
-    import contextlib
-    import sys
-
     from tyrsearch import api
 
-    with contextlib.redirect_stdout(sys.stderr):  # Trainer prints its logs; stdout carries only the result
-        result = api.distill(teacher_ref, student_ref, out=out_dir, **settings)
-    options.emit(result.to_json(), as_json)
+    options.emit(api.distill(teacher_ref, student_ref, out=out_dir, **settings).to_json(), as_json)

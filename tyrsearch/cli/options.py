@@ -99,6 +99,23 @@ def placement(*, what: str = "the model") -> Decorator:
                                     "bfloat16, float16, float32; statistics and solves stay in float64"))
 
 
+def heal() -> Decorator:
+    """--heal-steps, --heal-text, --heal-lr, --heal-train, --heal-method: distillation after pruning."""
+    return _stack(
+        click.option("--heal-steps", default=0, show_default=True, type=click.IntRange(min=0),
+                     help="heal the pruned model: optimizer steps of distillation from the dense model (4 windows "
+                          "of 256 tokens each; 0: no healing); the model before it is kept beside (-oneshot)"),
+        click.option("--heal-text", default="c4,wiki", show_default=True,
+                     help="healing text: calibration corpora (c4, wiki) or a UTF-8 text file, several joined by "
+                          "commas; never held-out text"),
+        click.option("--heal-lr", default=1e-4, show_default=True, type=float,
+                     help="healing's peak learning rate (AdamW, warmup, cosine decay)"),
+        click.option("--heal-train", default="mlp", show_default=True, type=click.Choice(["mlp", "all"]),
+                     help="mlp: the MLP weights train; all: every weight"),
+        click.option("--heal-method", default="full", show_default=True, type=click.Choice(["full", "lora"]),
+                     help="full: the weights themselves train; lora: LoRA adapters (peft) merged in at the end"))
+
+
 def storage(*, required: bool, help: str = STORAGE_HELP) -> Decorator:
     return click.option("--storage", envvar="OPTUNA_STORAGE", required=required, default=None, help=help)
 

@@ -34,6 +34,8 @@ from tyrsearch.cli import options
 @click.option("--stream/--no-stream", default=None,
               help="walk the model one layer at a time on the device, its weights on the host "
                    "[default: when they do not fit on the GPU]")
+@options.held_out(tokens=0)
+@options.heal()
 @click.option("--offload", is_flag=True, help="keep the calibration hidden states on the host too")
 @options.as_json()
 def prune_command(model_ref: str, out_dir: Path, as_json: bool, **settings) -> None:

@@ -58,6 +58,15 @@ LATENCY_SEQ_HELP = "prefill tokens of the latency workload (batch 1, logits of t
               help="where supernets are cached and reused (default: the tyrsearch cache)")
 @click.option("--no-rebuild", is_flag=True, help="a corrupt cached supernet is an error instead of being rebuilt")
 @options.held_out(tokens=0)
+@options.heal()
+@click.option("--heal-candidates", default=0, show_default=True, type=click.IntRange(min=0),
+              help="healing-aware selection: heal the K best distinct candidates briefly, keep the one closest to "
+                   "the dense model on held-back tokens (needs --heal-steps)")
+@click.option("--rounds", default=1, show_default=True, type=click.IntRange(min=1),
+              help="reach --target in R searches, each healed (--heal-steps) and each starting from the last one's "
+                   "model: OUT/round-R/, OUT/model the last")
+@click.option("--heal-select-steps", default=50, show_default=True, type=click.IntRange(min=1),
+              help="--heal-candidates: steps of each candidate's brief heal")
 @options.placement(what="the search process's model (workers: `tyrsearch worker --device`)")
 @options.as_json()
 def search_command(model_ref: str, out_dir: Path, as_json: bool, **settings) -> None:

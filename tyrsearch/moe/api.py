@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tyrsearch.api import _check_at_least, check_out_dir, load, reference
-from tyrsearch.errors import ParameterError, mention
+from tyrsearch.errors import ParameterError
 from tyrsearch.placement import placement, placement_of
 from tyrsearch.results import DistillResult, MoefyResult, PruneResult
 from tyrsearch.texts import DEFAULT_CALIB, HELD_OUT_DOMAINS
@@ -70,10 +70,8 @@ def stun(model: ModelRef, *, out: str | Path, tokenizer: PreTrainedTokenizerBase
     }
     if held_out:
         tic = time.perf_counter()
-        figures["held_out"] = {
-            name: metrics.perplexity(loaded.model, data.eval_batches(loaded.tokenizer, text, seq_len=seq_len,
-                                                                     max_tokens=eval_tokens), progress=progress)
-            for name, text in held_out.items()}
+        figures["held_out"] = metrics.held_out(loaded.model, loaded.tokenizer, held_out, seq_len=seq_len,
+                                               max_tokens=eval_tokens, progress=progress)
         figures["time_s"]["eval"] = time.perf_counter() - tic
     save_pruned(loaded.model, loaded.tokenizer, out, result=figures)
     return PruneResult(figures=figures, out=Path(out), model=loaded.model, tokenizer=loaded.tokenizer)
@@ -130,22 +128,23 @@ def moefy(model: ModelRef, *, experts: int, top_k: int, out: str | Path,
 def distill(teacher: ModelRef, student: str | Path, *, out: str | Path,
             tokenizer: PreTrainedTokenizerBase | None = None, steps: int = 500, batch_size: int = 4,
             seq_len: int = 256, lr: float = 1e-3, warmup: int = 20, temperature: float = 1.0, train: str = "mlp",
-            text: str = "c4", save_every: int = 50, seed: int = 0, eval_text: str = "wiki-summaries",
+            method: str = "full", text: str = "c4", save_every: int = 50, seed: int = 0,
+            eval_text: str = "wiki-summaries",
             eval_tokens: int = 16384, overwrite: bool = False, device: str = "auto", dtype: str = "auto",
             progress: bool = True) -> DistillResult:
     """Train a moefied or pruned `student` (a model folder) to match its dense `teacher`'s next-token
-    distributions (KL) on windows of `text`: only its MLP / MoE blocks with `train="mlp"`, every weight with
-    "all". Checkpoints go to OUT.checkpoints/ every `save_every` steps; interrupted, the same call resumes
-    where it stopped (`overwrite=True` starts over). With `eval_tokens`, the held-out perplexities of teacher
-    and student before and after, on `eval_text`. Trainer prints its logs on stdout."""
+    distributions (KL) on windows of `text` (several joined by commas: all of each): only its MLP / MoE
+    blocks with `train="mlp"`, every weight with "all"; `method="lora"` trains LoRA adapters on those
+    projections instead (peft) and merges them into the weights, the shapes unchanged. Checkpoints go to
+    OUT.checkpoints/ every `save_every` steps; interrupted, the same call resumes where it stopped
+    (`overwrite=True` starts over). With `eval_tokens`, the held-out perplexities of teacher and student
+    before and after, on `eval_text`. Trainer prints its logs on stderr."""
     import shutil
 
     import torch
     from transformers import AutoConfig
 
-    from tyrsearch import assets, data, metrics, texts
-    from tyrsearch.healing import DistillConfig, check_pair, check_resumable, check_trainable, save_student
-    from tyrsearch.healing import distill as heal
+    from tyrsearch import assets, data, healing, metrics, texts
 
     # everything a user can get wrong is checked before the long work
     where = placement(device, dtype)
@@ -155,41 +154,44 @@ def distill(teacher: ModelRef, student: str | Path, *, out: str | Path,
     out = Path(out)
     check_out_dir(out, overwrite=overwrite)
     checkpoints = out.with_name(out.name + ".checkpoints")
-    config = DistillConfig(steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, temperature=temperature,
-                           train=train, save_every=save_every, seed=seed)
+    config = healing.DistillConfig(steps=steps, batch_size=batch_size, lr=lr, warmup=warmup,
+                                   temperature=temperature, train=train, save_every=save_every, seed=seed,
+                                   method=method)
     student_dir = assets.resolve_model(str(student))
     settings = {"teacher": reference(teacher), "student": str(student_dir), "text": text, "seq_len": seq_len}
     if not overwrite:
-        check_resumable(checkpoints, config, settings)  # before the long work, not after the first evaluations
-    train_text = texts.read_text(text)
+        healing.check_resumable(checkpoints, config, settings)  # before the long work, not after the first evaluations
+    train_texts = {name: texts.read_text(name) for name in texts.mixture(text)}
     held_out = texts.read_text(eval_text) if eval_tokens else None
     loaded = load(teacher, tokenizer, device=device, dtype=dtype)
     saved_dtype = AutoConfig.from_pretrained(student_dir).dtype or torch.float32  # the student is saved so again
     student_model, _ = assets.load_model(str(student_dir))  # float32 master weights, trained with autocast
-    check_pair(loaded.model, student_model)
-    check_trainable(student_model, train)
-    windows = _windows(loaded.tokenizer, text, train_text, seq_len=seq_len, batch_size=batch_size)
+    healing.check_pair(loaded.model, student_model)
+    healing.check_trainable(student_model, train, method)
+    windows = healing.text_windows(loaded.tokenizer, train_texts, seq_len=seq_len, batch_size=batch_size)
     if overwrite and checkpoints.exists():  # only once the input is known to be good
         shutil.rmtree(checkpoints)
     eval_batches = None if held_out is None else data.eval_batches(loaded.tokenizer, held_out, seq_len=seq_len,
                                                                    max_tokens=eval_tokens)
 
     figures = {"teacher": settings["teacher"], "student": str(student_dir), "out": str(out), "steps": steps,
-               "train_tokens": steps * batch_size * seq_len, "text": text, "text_windows": windows.shape[0]}
+               "method": method, "train": train, "lr": lr, "train_tokens": steps * batch_size * seq_len, "text": text,
+               "text_windows": windows.shape[0], "epochs": round(steps * batch_size / windows.shape[0], 3)}
     if eval_batches is not None:
         figures.update(eval_text=eval_text,
                        teacher_ppl=metrics.perplexity(loaded.model, eval_batches, progress=progress)["ppl"],
                        student_ppl_before=metrics.perplexity(student_model, eval_batches, progress=progress)["ppl"])
     start = time.perf_counter()
-    history = heal(loaded.model, student_model, windows, checkpoints, config=config, settings=settings,
-                   progress=progress, device=where.device, autocast=where.dtype)
+    history = healing.distill(loaded.model, student_model, windows, checkpoints, config=config,
+                              settings=settings, progress=progress, device=where.device, autocast=where.dtype)
     figures["train_s"] = round(time.perf_counter() - start, 1)  # this run's share, when resumed
-    figures["loss"] = [{"step": row["step"], "loss": row["loss"]} for row in history if "loss" in row]
+    figures["loss"] = [{"step": row["step"], "loss": row["loss"], "tokens_per_s": row["tokens_per_s"]}
+                       for row in history if "loss" in row]
     if eval_batches is not None:
         after = metrics.perplexity(student_model, eval_batches, progress=progress)["ppl"]
         figures.update(student_ppl=after, ppl_ratio_before=figures["student_ppl_before"] / figures["teacher_ppl"],
                        ppl_ratio=after / figures["teacher_ppl"])
-    save_student(student_model.to(saved_dtype), student_dir, out, result=figures)
+    healing.save_student(student_model.to(saved_dtype), student_dir, out, result=figures)
     shutil.rmtree(checkpoints)
     return DistillResult(figures=figures, out=out, model=student_model, tokenizer=loaded.tokenizer)
 
@@ -199,14 +201,3 @@ def _check_positive(**values: float) -> None:
         if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
             raise ParameterError(name, f"must be a number > 0, got {value!r}")
 
-
-def _windows(tokenizer, name: str, text: str, *, seq_len: int, batch_size: int):
-    """All of `text` as training windows [n, seq_len], at least one batch of them."""
-    from tyrsearch import data
-
-    windows = data.eval_batches(tokenizer, text, seq_len=seq_len, max_tokens=len(text) + seq_len)
-    if windows.shape[0] < batch_size:
-        raise ParameterError("text", f"{name} holds {windows.shape[0]} windows of {seq_len} tokens, fewer than "
-                                     f"{mention('batch_size')} {batch_size}: give more text or a smaller "
-                                     f"{mention('seq_len')} / {mention('batch_size')}")
-    return windows

@@ -12,9 +12,11 @@ from tyrsearch.errors import ParameterError, mention
 from tyrsearch.results import SearchResult
 
 if TYPE_CHECKING:
+    from torch import nn
     from transformers import PreTrainedTokenizerBase
 
     from tyrsearch.api import ModelRef
+    from tyrsearch.healing import Heal
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,11 @@ class SearchRequest:
     eval_text: str
     device: str = "auto"
     dtype: str = "auto"
+    heal: Heal | None = None  # healing of the winner (none: no healing)
+
+    @property
+    def heals(self) -> bool:
+        return self.heal is not None and self.heal.steps > 0
 
     @property
     def storage_url(self) -> str:
@@ -91,6 +98,9 @@ def check_request(request: SearchRequest, model_name: str) -> Checked:
     if request.runner == "ray" and len(goals) > 1:
         raise ParameterError("objectives", f"{request.objectives!r}: several objectives run with {mention('runner')} "
                                            "local or optuna (Ray Tune's OptunaSearch here reports one metric)")
+    if request.heals and request.heal.candidates and len(goals) > 1:
+        raise ParameterError("heal_candidates", f"ranks candidates by KL alone: search one objective (no "
+                                                f"{mention('objectives')} cost) or drop it")
     if request.start not in STARTS:
         raise ParameterError("start", f"{request.start!r} is unknown: choose one of {', '.join(STARTS)}")
     space = load_space(str(request.space)) if request.space else None
@@ -99,14 +109,16 @@ def check_request(request: SearchRequest, model_name: str) -> Checked:
     elif not request.out.is_dir():
         raise ParameterError("resume", f"{request.out} does not exist; run the search without {mention('resume')} "
                                        "first")
-    for source in [*texts.mixture(request.calib), *(texts.mixture(request.eval_text) if request.eval_tokens else ())]:
+    for source in [*texts.mixture(request.calib), *(texts.mixture(request.eval_text) if request.eval_tokens else ()),
+                   *(texts.mixture(request.heal.text) if request.heals else ())]:
         texts.read_text(source)  # a missing corpus fails before the model loads
     return Checked(goals=goals, strategy=strategy, space=space,
                    study_name=request.study_name or f"{model_name}-t{request.target:g}")
 
 
 def run_search(model: ModelRef, request: SearchRequest, *, tokenizer: PreTrainedTokenizerBase | None = None,
-               progress: bool = True) -> SearchResult:
+               progress: bool = True, teacher: nn.Module | None = None) -> SearchResult:
+    """One search (see `tyrsearch.api.search`); the winner is healed from `teacher` (default: `model`)."""
     from tyrsearch.api import load
     from tyrsearch.materialize import save_pruned
     from tyrsearch.placement import default_workers, placement_of
@@ -132,15 +144,26 @@ def run_search(model: ModelRef, request: SearchRequest, *, tokenizer: PreTrained
                  seed=request.seed, dtype=placement_of(loaded.model).to_json()["dtype"])  # workers' precision
     search = _prepare(loaded, request, checked, job, store, progress=progress)
     found = runner.run(search)
+    selected = None
+    if request.heals and request.heal.candidates:
+        tic = time.perf_counter()
+        found, selected = _select_healed(search, found, request, loaded.tokenizer, progress=progress)
+        found.times_s["heal_select"] = time.perf_counter() - tic
     tic = time.perf_counter()
     pruned = materialize(loaded.model, found)
-    save_pruned(pruned, loaded.tokenizer, request.out / "model")
+    save_pruned(pruned, loaded.tokenizer, request.out / ("model-oneshot" if request.heals else "model"))
     figures = _figures(loaded.ref, request, checked, search, found, pruned)
+    if selected is not None:
+        figures["heal_select"] = {"steps": request.heal.select_steps, "candidates": selected}
     times = {**found.times_s, "materialize": time.perf_counter() - tic}
     if request.eval_tokens:
         tic = time.perf_counter()
         figures["held_out"] = held_out(pruned, loaded.tokenizer, request, progress=progress)
         times["eval"] = time.perf_counter() - tic
+    if request.heals:
+        tic = time.perf_counter()
+        pruned, figures["heal"] = _heal(teacher or loaded.model, loaded.tokenizer, request, progress=progress)
+        times["heal"] = time.perf_counter() - tic
     figures["times_s"] = times
     _write(request.out, search, figures)
     return SearchResult(figures=figures, out=request.out, model=pruned, tokenizer=loaded.tokenizer)
@@ -227,14 +250,39 @@ def _figures(model_name: str, request: SearchRequest, checked: Checked, search, 
     }
 
 
+def _select_healed(search, found, request: SearchRequest, tokenizer, *, progress: bool):
+    """The winner chosen by healing-aware selection (`tyrsearch.search.heal_select`), and its rows."""
+    from tyrsearch import texts
+    from tyrsearch.healing import HEAL_BATCH, HEAL_SEQ_LEN, text_windows
+    from tyrsearch.search.heal_select import select_healed
+
+    sources = {name: texts.read_text(name) for name in texts.mixture(request.heal.text)}
+    windows = text_windows(tokenizer, sources, seq_len=HEAL_SEQ_LEN, batch_size=HEAL_BATCH, parameter="heal_text")
+    return select_healed(search, found, request.heal, windows, request.out / "heal-select", progress=progress)
+
+
+def _heal(teacher, tokenizer, request: SearchRequest, *, progress: bool):
+    """OUT/model-oneshot distilled from the dense model into OUT/model: the healed model and the heal's
+    figures (with the held-out perplexities after it, as `held_out` measured them before)."""
+    from tyrsearch import texts
+    from tyrsearch.api import heal_saved
+
+    sources = {name: texts.read_text(name) for name in texts.mixture(request.eval_text)} if request.eval_tokens \
+        else {}
+    healed = heal_saved(teacher, request.out / "model-oneshot", request.out / "model", request.heal,
+                        tokenizer=tokenizer, held_out=sources, seq_len=request.seq_len,
+                        eval_tokens=request.eval_tokens, device=request.device, dtype=request.dtype,
+                        progress=progress)
+    return healed.model, healed.figures
+
+
 def held_out(model, tokenizer, request: SearchRequest, *, progress: bool) -> dict:
     """{text: {ppl, nll, tokens}} on the first `eval_tokens` of each `eval_text`."""
-    from tyrsearch import data, metrics, texts
+    from tyrsearch import metrics, texts
 
-    return {name: metrics.perplexity(model, data.eval_batches(tokenizer, texts.read_text(name),
-                                                               seq_len=request.seq_len,
-                                                               max_tokens=request.eval_tokens), progress=progress)
-            for name in texts.mixture(request.eval_text)}
+    sources = {name: texts.read_text(name) for name in texts.mixture(request.eval_text)}
+    return metrics.held_out(model, tokenizer, sources, seq_len=request.seq_len, max_tokens=request.eval_tokens,
+                            progress=progress)
 
 
 def _write(out: Path, search, figures: dict) -> None:

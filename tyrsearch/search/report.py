@@ -24,6 +24,8 @@ def fitness_curve(study: optuna.Study) -> list[tuple[int, int, float]]:
     """(iteration, generation, best complete fitness so far in the iteration) per generation."""
     best: dict[tuple[int, int], float] = {}
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if schema.iteration_of(t) is None:  # a healing-aware selection's trial
+            continue
         key = (schema.iteration_of(t), schema.generation_of(t))
         best[key] = min(best.get(key, float("inf")), t.values[0])
     curve, running = [], {}

@@ -28,6 +28,7 @@ RESULT = "tyr:result"
 ITERATION = "tyr:iteration"
 GENERATION = "tyr:generation"
 INDEX = "tyr:index"
+HEAL_SELECT = "tyr:heal_select"  # a healing-aware selection's trial: the number of the candidate it healed
 FIXED = "fixed_params"  # Study.enqueue_trial's key: a WAITING trial with it has its params decided
 
 
@@ -187,3 +188,19 @@ def claim(study: optuna.Study, trial: FrozenTrial) -> bool:
 def fail(study: optuna.Study, trial: FrozenTrial) -> bool:
     """RUNNING -> FAIL of a trial this process holds; False when it had already finished."""
     return study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+
+
+# -- healing-aware selection ---------------------------------------------------------------------------------
+
+
+def healed_candidate(trial: FrozenTrial) -> int | None:
+    """The number of the search trial that a healing-aware selection trial healed (None: a search trial)."""
+    return trial.system_attrs.get(HEAL_SELECT)
+
+
+def add_healed(study: optuna.Study, candidate: FrozenTrial, value: float, attrs: dict) -> None:
+    """A candidate's score after its brief heal, as a finished trial of the study: the dashboard shows it
+    beside the search's, and a rerun finds it instead of healing the candidate again."""
+    study.add_trial(optuna.trial.create_trial(params=candidate.params, distributions=candidate.distributions,
+                                              value=value, user_attrs=attrs,
+                                              system_attrs={HEAL_SELECT: candidate.number}))
