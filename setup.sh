@@ -6,7 +6,11 @@ cd "$(dirname "$0")"
 python=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 export PIP_DISABLE_PIP_VERSION_CHECK=1
-.venv/bin/python -m pip install --quiet -c constraints.txt -e ".[dev,bench]"
+# llama-cpp-python (the `edge` extra: llama.cpp, which verifies GGUF exports) has no Linux wheel on the index:
+# pip builds it from its source package once (about 5 minutes on 2 cores, then cached), without its
+# multimodal library.
+export CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF}" CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}"
+.venv/bin/python -m pip install --quiet -c constraints.txt -e ".[dev,bench,edge]"
 .venv/bin/python -m pip install --quiet --no-deps -r requirements-assets.txt
 # The held-out `literature` text ships in brotli's source package: downloaded (not built) beside the assets.
 [ -f .venv/share/tyrsearch-assets/brotli-1.2.1.tar.gz ] || .venv/bin/python -m pip download --quiet --no-deps \

@@ -10,7 +10,9 @@
 The export is traced by torch.onnx's dynamo exporter at batch 2 (at batch 1 it would fix the batch axis)
 with every batch, sequence and past axis dynamic. Verification: onnx.checker, then ONNX Runtime against
 torch on inputs of other batch and sequence lengths (max abs logit difference, argmax agreement), and
-with kv_cache a greedy generation in ONNX Runtime that must equal torch's `generate`.
+with kv_cache a greedy generation in ONNX Runtime that must equal torch's `generate`, and the same in
+onnxruntime-genai (the runtime genai_config.json is for; genai.py): fp32 equal to torch, int8 equal to
+ONNX Runtime on the same int8 graph.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from tyrsearch import data, texts
 from tyrsearch.errors import ParameterError
-from tyrsearch.exporters import runtime
+from tyrsearch.exporters import genai, runtime
 from tyrsearch.exporters.graphs import (
     DecoderGraph,
     PrefillGraph,
@@ -203,7 +205,7 @@ def genai_config(model: PreTrainedModel, filename: str) -> dict:
     config = model.config
     heads = kv_heads(model)
     return {"model": {
-        "type": config.model_type.removeprefix("tyr_").removesuffix("_text"),
+        "type": config.model_type.removeprefix("tyr_"),  # gemma3_text: genai's "gemma3" is the vision model
         "bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
         "pad_token_id": config.pad_token_id if config.pad_token_id is not None else config.eos_token_id,
         "vocab_size": config.vocab_size, "context_length": config.max_position_embeddings,
@@ -239,6 +241,12 @@ def ort_perplexity(path: Path, ids: np.ndarray) -> float:
     return float(np.exp(nll / count))
 
 
+def _compare(want: list[int], got: list[int], name: str) -> dict:
+    """Whether two greedy generations are equal, and where they first differ."""
+    first = next((i for i, (a, b) in enumerate(zip(want, got, strict=True)) if a != b), None)
+    return {f"equal_to_{name}": want == got, "first_difference": first}
+
+
 @torch.inference_mode()
 def verify(model: PreTrainedModel, path: Path, config: ExportConfig, *, precision: str) -> dict:
     """onnx.checker, then ONNX Runtime against torch on SHAPES; with kv_cache also greedy generation."""
@@ -272,11 +280,14 @@ def verify(model: PreTrainedModel, path: Path, config: ExportConfig, *, precisio
                               max_new_tokens=config.generate_tokens, min_new_tokens=config.generate_tokens,
                               pad_token_id=model.config.eos_token_id)[0, prompt.shape[1]:].tolist()
         got_tokens = runtime.Decoder(session).greedy(prompt.numpy(), config.generate_tokens)
-        matched = next((i for i, (a, b) in enumerate(zip(want, got_tokens, strict=True)) if a != b), len(want))
-        result["generation"] = {"tokens": config.generate_tokens, "equal_to_torch": want == got_tokens,
-                                "first_difference": None if want == got_tokens else matched}
+        result["generation"] = {"tokens": config.generate_tokens, **_compare(want, got_tokens, "torch")}
         if precision == "fp32":
             passed = passed and want == got_tokens
+        if genai.available():  # the runtime genai_config.json is for: fp32 as torch, int8 as ONNX Runtime
+            genai_tokens = genai.greedy(path, prompt[0].tolist(), config.generate_tokens)
+            expected, name = (want, "torch") if precision == "fp32" else (got_tokens, "onnxruntime")
+            result["genai"] = {"tokens": config.generate_tokens, **_compare(expected, genai_tokens, name)}
+            passed = passed and expected == genai_tokens
     result["tolerance"] = tolerance
     result["passed"] = bool(passed)
     return result

@@ -82,8 +82,11 @@ def test_kv_cache_export_generates_torchs_tokens_with_per_layer_heads(llama_shap
     report = _export(llama_shaped, tmp_path / "kv" / "model.onnx", "--kv-cache", "--int8")
     assert report["verified"], report
     assert report["verification"]["generation"] == {"tokens": 32, "equal_to_torch": True, "first_difference": None}
+    # onnxruntime-genai runs the folder as shipped: fp32 as torch, the int8 graph as ONNX Runtime runs it
+    assert report["verification"]["genai"] == {"tokens": 32, "equal_to_torch": True, "first_difference": None}
     int8 = report["int8_verification"]
     assert int8["precision"] == "int8" and int8["passed"] and np.isfinite(int8["max_abs_diff"])
+    assert int8["genai"] == {"tokens": 32, "equal_to_onnxruntime": True, "first_difference": None}
     assert report["files"]["model.int8.onnx"] < report["files"]["model.onnx"] + report["files"].get(
         "model.onnx.data", 0)
     session = ort.InferenceSession(str(tmp_path / "kv" / "model.onnx"), providers=["CPUExecutionProvider"])
@@ -124,6 +127,7 @@ def test_gemma3_kv_cache_export_generates_torchs_tokens(tokenizer, tmp_path_fact
     report = _export(_folder(tmp_path_factory, tokenizer, "gemma3", shaped=True), tmp_path / "g" / "model.onnx",
                      "--kv-cache")
     assert report["verified"] and report["verification"]["generation"]["equal_to_torch"]
+    assert report["verification"]["genai"]["equal_to_torch"]
 
 
 def test_runtime_runner_needs_no_torch_and_generates_torchs_tokens(llama_shaped, tokenizer, tmp_path):

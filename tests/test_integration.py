@@ -85,3 +85,60 @@ def test_prune_and_heal_on_smollm2_lowers_the_held_out_perplexity(tmp_path):
     assert adapter_for(reloaded).shapes(reloaded) == adapter_for(result.model).shapes(result.model)
     oneshot = AutoModelForCausalLM.from_pretrained(tmp_path / "healed-oneshot")
     assert adapter_for(oneshot).shapes(oneshot) == adapter_for(reloaded).shapes(reloaded)
+
+
+@pytest.fixture(scope="module")
+def smollm2_shaped(smollm2, tmp_path_factory):
+    """SmolLM2 cut to per-layer shapes: layer 0 without attention, 1 and 2 KV groups in layers 1 and 2, MLPs
+    of 768 and 1024 channels (wanda, 4 x 128 calibration tokens)."""
+    from tyrsearch.local import make_criterion
+    from tyrsearch.pruner import prune
+
+    _, tokenizer = smollm2
+    model = AutoModelForCausalLM.from_pretrained(assets.resolve_model("smollm2-135m")).eval()
+    plan = [LayerShape(kv_heads=3, q_per_kv=3, intermediate=1024)] * 30
+    plan[:3] = [LayerShape(kv_heads=3, q_per_kv=0, intermediate=1024), LayerShape(kv_heads=1, q_per_kv=3,
+                                                                                   intermediate=1024),
+                LayerShape(kv_heads=2, q_per_kv=2, intermediate=768)]
+    calib = data.calibration_batches(tokenizer, texts.read_text("c4"), seq_len=128, count=4, seed=0)
+    prune(model, plan, make_criterion("wanda"), calib, progress=False)
+    return save_pruned(model, tokenizer, tmp_path_factory.mktemp("shaped") / "model")
+
+
+def _folder(shaped: bool, request) -> str:
+    return str(request.getfixturevalue("smollm2_shaped") if shaped else assets.resolve_model("smollm2-135m"))
+
+
+@pytest.mark.parametrize("shaped", [False, True], ids=["dense", "per-layer"])
+def test_smollm2_exports_generate_torchs_tokens_in_onnxruntime_genai(shaped, request, tmp_path):
+    """The --kv-cache folder as onnxruntime-genai loads it (og.Model / og.Generator): 32 greedy tokens equal to
+    torch's, dense and per-layer."""
+    import json
+
+    from tests.conftest import run_cli
+
+    ran = run_cli("export", "--model", _folder(shaped, request), "--out", str(tmp_path / "onnx" / "model.onnx"),
+                  "--kv-cache", "--json")
+    assert ran.returncode == 0, ran.stderr
+    report = json.loads(ran.stdout)
+    assert report["verified"], report["verification"]
+    assert report["verification"]["genai"] == {"tokens": 32, "equal_to_torch": True, "first_difference": None}
+
+
+@pytest.mark.parametrize("shaped", [False, True], ids=["dense", "per-layer"])
+def test_smollm2_gguf_runs_in_llama_cpp_as_in_torch(shaped, request, tmp_path):
+    """f32 GGUF in llama.cpp: 32 greedy tokens equal to torch's and held-out perplexity within 1%; the
+    per-layer model as llama.cpp's deci architecture, its first layer without attention."""
+    import json
+
+    from tests.conftest import run_cli
+
+    ran = run_cli("export", "--model", _folder(shaped, request), "--format", "gguf", "--quant", "f32", "--out",
+                  str(tmp_path / "model.gguf"), "--json")
+    assert ran.returncode == 0, ran.stderr
+    report = json.loads(ran.stdout)
+    assert report["verified"] and report["architecture"] == ("deci" if shaped else "llama")
+    check = report["verification"]
+    assert check["generation"]["equal_to_torch"] and abs(check["held_out"]["ppl_ratio"] - 1) < 0.01
+    if shaped:
+        assert report["head_count"][:3] == [9, 3, 4] and report["head_count_kv"][:3] == [0, 1, 2]

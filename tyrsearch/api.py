@@ -269,17 +269,31 @@ def search(model: ModelRef, *, target: float, out: str | Path, tokenizer: PreTra
     return run_search(model, request, tokenizer=tokenizer, progress=progress)
 
 
-def export(model: str | Path, *, out: str | Path, kv_cache: bool = False, int8: bool = False,
-           int8_method: str = "dynamic", int8_smooth: float = 0.75, opset: int = 18,
-           last_only: bool = False) -> ExportResult:
-    """Export a saved model (a folder from `prune` or `search`, or any --model reference) to ONNX at `out`
-    (a .onnx file; its folder receives the tokenizer, config, genai_config.json and runtime.py) and verify
-    it in ONNX Runtime against torch. `verified` is False, with the figures, when they disagree."""
+def export(model: str | Path, *, out: str | Path, format: str = "onnx", kv_cache: bool = False, int8: bool = False,
+           int8_method: str = "dynamic", int8_smooth: float = 0.75, opset: int = 18, last_only: bool = False,
+           quant: str = "f16") -> ExportResult:
+    """Export a saved model (a folder from `prune` or `search`, or any --model reference) and verify it in the
+    runtime it is for. `format="onnx"`: `out` is a .onnx file (its folder receives the tokenizer, config,
+    genai_config.json and runtime.py), verified in ONNX Runtime and, with `kv_cache`, onnxruntime-genai.
+    `format="gguf"`: `out` is a .gguf file for llama.cpp (`quant` f32, f16, q8_0 or q4_k_m), verified in
+    llama.cpp where llama-cpp-python is installed. `verified` is False, with the figures, when they disagree
+    (None: no runtime to verify in)."""
     from tyrsearch import assets
+
+    if format not in ("onnx", "gguf"):
+        raise ParameterError("format", f"{format!r} is unknown: choose onnx or gguf")
+    folder = assets.resolve_model(str(model))
+    if format == "gguf":
+        from tyrsearch.exporters.gguf_export import export_gguf
+
+        onnx_only = {"kv_cache": kv_cache, "int8": int8, "last_only": last_only}
+        if used := [name for name, value in onnx_only.items() if value]:
+            raise ParameterError(used[0], f"is for {mention('format')} onnx; a GGUF file is quantized with "
+                                          f"{mention('quant')}")
+        return ExportResult(figures=export_gguf(folder, Path(out), quant=quant), out=Path(out))
     from tyrsearch.exporters.onnx_export import ExportConfig
     from tyrsearch.exporters.onnx_export import export as write_onnx
 
-    folder = assets.resolve_model(str(model))
     config = ExportConfig(kv_cache=kv_cache, int8=int8, int8_method=int8_method, int8_smooth=int8_smooth,
                           opset=opset, last_only=last_only)
     return ExportResult(figures=write_onnx(folder, Path(out), config), out=Path(out))

@@ -82,13 +82,15 @@ class DistillResult(ModelResult):
 
 @dataclass(frozen=True)
 class ExportResult:
-    """An ONNX export and its verification against torch in ONNX Runtime (export.json)."""
+    """An export (ONNX: its export.json; GGUF) and its verification against torch in its runtime."""
 
     figures: dict
     out: Path
 
     @property
-    def verified(self) -> bool:
+    def verified(self) -> bool | None:
+        """Whether the runtime agreed with torch; None where its runtime is not installed (GGUF without
+        llama-cpp-python)."""
         return self.figures["verified"]
 
     def to_json(self) -> dict:

@@ -15,7 +15,13 @@ from tyrsearch.cli.search import LATENCY_SEQ_HELP
 @options.model(f"the model to export: a folder from `tyrsearch prune` or `search` (per-layer shapes), or "
                f"{options.MODEL_HELP}")
 @click.option("--out", "out_file", required=True, type=click.Path(path_type=Path, dir_okay=False),
-              help="the .onnx file to write; its folder receives the tokenizer, config and runtime.py")
+              help="onnx: the .onnx file to write (its folder receives the tokenizer, config, genai_config.json and "
+                   "runtime.py); gguf: the .gguf file")
+@click.option("--format", default="onnx", show_default=True, type=click.Choice(["onnx", "gguf"]),
+              help="onnx: ONNX Runtime and onnxruntime-genai; gguf: llama.cpp (llama architecture, or deci for "
+                   "per-layer shapes)")
+@click.option("--quant", default="f16", show_default=True, type=click.Choice(["f32", "f16", "q8_0", "q4_k_m"]),
+              help="gguf: the weights' type (q4_k_m by llama.cpp's quantizer)")
 @click.option("--kv-cache", is_flag=True, help="the decoder graph with past key/values (for generation)")
 @click.option("--int8", is_flag=True, help="also write FILE.int8.onnx, verified too")
 @click.option("--int8-method", default="dynamic", show_default=True,
@@ -26,15 +32,17 @@ from tyrsearch.cli.search import LATENCY_SEQ_HELP
 @click.option("--last-only", is_flag=True, help="prefill graph: logits of the last position only")
 @options.as_json()
 def export_command(model_ref: str, out_file: Path, as_json: bool, **settings) -> None:
-    """Export a model to ONNX and verify it in ONNX Runtime against torch (exit 1 if the verification
-    fails, with its figures)."""
+    """Export a model to ONNX or GGUF and verify it against torch in its runtime (ONNX Runtime and
+    onnxruntime-genai; llama.cpp): exit 1 if the verification fails, with its figures."""
     from tyrsearch import api
 
     exported = api.export(model_ref, out=out_file, **settings)
     options.emit(exported.to_json(), as_json)
-    if not exported.verified:
-        click.echo(f"error: the export of {model_ref} did not verify; figures in {out_file.parent / 'export.json'}",
-                   err=True)
+    if exported.verified is None:
+        click.echo(f"note: {out_file} is not verified: llama-cpp-python is not installed", err=True)
+    elif not exported.verified:
+        where = out_file.parent / "export.json" if out_file.suffix == ".onnx" else "the figures above"
+        click.echo(f"error: the export of {model_ref} did not verify; see {where}", err=True)
         sys.exit(1)
 
 

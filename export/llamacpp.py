@@ -1,0 +1,96 @@
+"""llama.cpp through llama-cpp-python: the runtime a GGUF export is verified in (and timed by
+benchmarks/edge.py), and its quantizer for the k-quants gguf-py does not write.
+
+Token ids go in directly (no llama.cpp tokenization), so what is compared with torch is the model alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+K_QUANTS = {"q4_k_m": 15}  # llama_ftype: LLAMA_FTYPE_MOSTLY_Q4_K_M
+
+
+def available() -> bool:
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def quantize(source: Path, target: Path, quant: str, *, threads: int = 0) -> None:
+    """llama.cpp's quantizer (llama_model_quantize) from an f16/f32 GGUF to `quant` (q4_k_m)."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.nthread = K_QUANTS[quant], threads
+    if llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), params) != 0:
+        raise RuntimeError(f"llama.cpp could not quantize {source} to {quant}")
+
+
+@contextlib.contextmanager
+def _quiet():
+    """llama.cpp prints its loading log on the C stderr: hide it (fd 2) while a model loads."""
+    saved = os.dup(2)
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+class Runner:
+    """One GGUF file loaded in llama.cpp, evaluated from token ids on `threads` CPU threads."""
+
+    def __init__(self, path: Path, *, context: int = 512, threads: int = 2) -> None:
+        import llama_cpp
+
+        with _quiet():
+            self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=context, n_batch=context, n_threads=threads,
+                                       n_threads_batch=threads, logits_all=True, verbose=False)
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        """Logits [len(ids), vocab] of one sequence from an empty cache."""
+        self.llm.reset()
+        self.llm.eval(ids)
+        return np.array(self.llm.scores[: len(ids)], dtype=np.float64)
+
+    def greedy(self, prompt: list[int], tokens: int) -> list[int]:
+        """`tokens` greedy tokens after `prompt` (argmax of the logits, no stop at end of sequence)."""
+        self.llm.reset()
+        self.llm.eval(prompt)
+        out = []
+        for _ in range(tokens):
+            out.append(int(np.argmax(self.llm.scores[self.llm.n_tokens - 1])))
+            self.llm.eval([out[-1]])
+        return out
+
+    def perplexity(self, rows: np.ndarray) -> float:
+        """exp(mean next-token NLL) over rows [n, seq] of token ids, each from an empty cache."""
+        nll, count = 0.0, 0
+        for row in rows:
+            logits = self.logits(row.tolist())[:-1]  # [seq - 1, vocab]
+            top = logits.max(-1, keepdims=True)
+            log_probs = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+            nll -= log_probs[np.arange(len(row) - 1), row[1:]].sum()
+            count += len(row) - 1
+        return math.exp(nll / count)
+
+    def speed(self, prompt: list[int], tokens: int) -> dict:
+        """Prompt processing and generation tokens/s at batch 1: `prompt` in one batch, then `tokens` one
+        at a time."""
+        self.llm.reset()
+        tic = time.perf_counter()
+        self.llm.eval(prompt)
+        prefill = time.perf_counter() - tic
+        tic = time.perf_counter()
+        for _ in range(tokens):
+            self.llm.eval([int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))])
+        generate = time.perf_counter() - tic
+        return {"prompt_tokens_per_s": len(prompt) / prefill, "generate_tokens_per_s": tokens / generate}
