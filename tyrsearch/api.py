@@ -28,6 +28,8 @@ from tyrsearch.texts import DEFAULT_CALIB, HELD_OUT_DOMAINS
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+    from tyrsearch.healing import Heal
+
     ModelRef = str | Path | PreTrainedModel
 
 ALLOCATIONS = ("uniform", "owl", "knapsack")
@@ -111,7 +113,6 @@ def prune(model: ModelRef, *, sparsity: float, out: str | Path | None = None,
     `stream` walks the model one layer at a time on `device` with its weights on the host (None: when they
     do not fit on the GPU; see `tyrsearch.streaming`); `offload` keeps the calibration hidden states on the
     host too."""
-    from tyrsearch import allocation as allocations
     from tyrsearch import data, metrics, texts
     from tyrsearch.healing import Heal
     from tyrsearch.local import make_criterion
@@ -126,24 +127,12 @@ def prune(model: ModelRef, *, sparsity: float, out: str | Path | None = None,
     # everything a user can get wrong is checked before the model is loaded
     where = placement(device, dtype)
     heal = Heal(steps=heal_steps, text=heal_text, lr=heal_lr, train=heal_train, method=heal_method)
-    if heal.steps and out is None:
-        raise ParameterError("heal_steps", f"needs {mention('out')}: healing keeps its checkpoints beside it")
-    allocations.check_sparsity(sparsity)
-    allocations.check_sparsity(attention_sparsity, parameter="attention_sparsity")
-    make_criterion(criterion)
-    if allocation not in ALLOCATIONS:
-        raise ParameterError("allocation", f"{allocation!r} is unknown: choose one of {', '.join(ALLOCATIONS)}")
+    _check_prune(sparsity=sparsity, attention_sparsity=attention_sparsity, criterion=criterion,
+                 allocation=allocation, stream=stream, out=None if out is None else Path(out), overwrite=overwrite,
+                 heal=heal)
     _check_at_least(calib_seqs=(calib_seqs, 1), seq_len=(seq_len, 2), sensitivity_seqs=(sensitivity_seqs, 1),
                     eval_tokens=(eval_tokens, 0))
-    if stream and allocation == "knapsack":
-        raise ParameterError("stream", "is for uniform and owl allocations: knapsack builds a supernet in memory")
     chosen_space = load_space(str(space)) if space else None
-    if out is not None:
-        check_out_dir(Path(out), overwrite=overwrite)
-    if heal.steps:
-        check_out_dir(oneshot_dir(Path(out)), overwrite=overwrite)
-        for name in texts.mixture(heal.text):
-            texts.read_text(name)
     sources = [texts.read_text(name) for name in texts.mixture(calib)]
     held_out = {name: texts.read_text(name) for name in texts.mixture(eval_text)} if eval_tokens else {}
 
@@ -158,7 +147,6 @@ def prune(model: ModelRef, *, sparsity: float, out: str | Path | None = None,
     teacher = None if not heal.steps else model if isinstance(model, str | Path) else copy.deepcopy(loaded.model)
     if on_host and not stream:
         loaded.model.to(where.device)
-    walk = Stream(device=where.device if stream else None, offload=offload)
     tokens = [data.tokenize(loaded.tokenizer, text) for text in sources]  # once, for calibration and sensitivity
     batches = data.mixed_batches(loaded.tokenizer, tokens, seq_len=seq_len, count=calib_seqs, seed=seed)
     before = {"params": metrics.total_params(loaded.model), "decoder_params": metrics.decoder_params(loaded.model)}
@@ -171,7 +159,8 @@ def prune(model: ModelRef, *, sparsity: float, out: str | Path | None = None,
     else:
         config = OneShotConfig(criterion=criterion, sparsity=sparsity, allocation=allocation,
                                attention_sparsity=attention_sparsity, sequential=sequential, seed=seed)
-        report = one_shot(loaded.model, config, batches, stream=walk, progress=progress)
+        report = one_shot(loaded.model, config, batches, progress=progress,
+                          stream=Stream(device=where.device if stream else None, offload=offload))
     figures = {
         "model": loaded.ref, "out": None if out is None else str(out),
         "params_before": before["params"], "params_after": metrics.total_params(loaded.model),
@@ -190,15 +179,49 @@ def prune(model: ModelRef, *, sparsity: float, out: str | Path | None = None,
     if not heal.steps:
         save_pruned(loaded.model, loaded.tokenizer, out, result=figures)
         return PruneResult(figures=figures, out=Path(out), model=loaded.model, tokenizer=loaded.tokenizer)
-    save_pruned(loaded.model, loaded.tokenizer, oneshot_dir(Path(out)), result=figures)
+    return _heal_pruned(loaded, teacher, Path(out), figures, heal, held_out=held_out, seq_len=seq_len,
+                        eval_tokens=eval_tokens, overwrite=overwrite, device=device, dtype=dtype, progress=progress)
+
+
+def _heal_pruned(loaded: Loaded, teacher: ModelRef, out: Path, figures: dict, heal: Heal, *, held_out: dict[str, str],
+                 seq_len: int, eval_tokens: int, overwrite: bool, device: str, dtype: str,
+                 progress: bool) -> PruneResult:
+    """`prune`'s model saved to `out`-oneshot, healed from `teacher` into `out`; result.json gains "heal"."""
+    from tyrsearch.materialize import save_pruned
+
+    save_pruned(loaded.model, loaded.tokenizer, oneshot_dir(out), result=figures)
     tokenizer = loaded.tokenizer
     del loaded  # the pruned model is read back from its folder as the heal's student
-    healed = heal_saved(teacher, oneshot_dir(Path(out)), Path(out), heal, tokenizer=tokenizer, held_out=held_out,
+    healed = heal_saved(teacher, oneshot_dir(out), out, heal, tokenizer=tokenizer, held_out=held_out,
                         seq_len=seq_len, eval_tokens=eval_tokens, overwrite=overwrite, device=device, dtype=dtype,
                         progress=progress)
     figures = {**figures, "heal": healed.figures}
-    write_json(Path(out) / "result.json", figures)
-    return PruneResult(figures=figures, out=Path(out), model=healed.model, tokenizer=tokenizer)
+    write_json(out / "result.json", figures)
+    return PruneResult(figures=figures, out=out, model=healed.model, tokenizer=tokenizer)
+
+
+def _check_prune(*, sparsity: float, attention_sparsity: float, criterion: str, allocation: str,
+                 stream: bool | None, out: Path | None, overwrite: bool, heal: Heal) -> None:
+    """`prune`'s parameter checks that need no model (the ParameterError names the parameter)."""
+    from tyrsearch import allocation as allocations
+    from tyrsearch import texts
+    from tyrsearch.local import make_criterion
+
+    if heal.steps and out is None:
+        raise ParameterError("heal_steps", f"needs {mention('out')}: healing keeps its checkpoints beside it")
+    allocations.check_sparsity(sparsity)
+    allocations.check_sparsity(attention_sparsity, parameter="attention_sparsity")
+    make_criterion(criterion)
+    if allocation not in ALLOCATIONS:
+        raise ParameterError("allocation", f"{allocation!r} is unknown: choose one of {', '.join(ALLOCATIONS)}")
+    if stream and allocation == "knapsack":
+        raise ParameterError("stream", "is for uniform and owl allocations: knapsack builds a supernet in memory")
+    if out is not None:
+        check_out_dir(out, overwrite=overwrite)
+    if heal.steps:
+        check_out_dir(oneshot_dir(out), overwrite=overwrite)
+        for name in texts.mixture(heal.text):
+            texts.read_text(name)
 
 
 def oneshot_dir(out: Path) -> Path:
@@ -206,7 +229,7 @@ def oneshot_dir(out: Path) -> Path:
     return out.with_name(out.name + "-oneshot")
 
 
-def heal_saved(teacher: ModelRef, oneshot: Path, out: Path, heal, *, tokenizer: PreTrainedTokenizerBase,
+def heal_saved(teacher: ModelRef, oneshot: Path, out: Path, heal: Heal, *, tokenizer: PreTrainedTokenizerBase,
                held_out: dict[str, str], seq_len: int, eval_tokens: int, overwrite: bool = False,
                device: str = "auto", dtype: str = "auto", progress: bool = True):
     """The pruned model saved in `oneshot` distilled from `teacher` (a `tyrsearch.healing.Heal`) into `out`:
