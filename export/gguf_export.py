@@ -200,17 +200,16 @@ def verify_gguf(model: PreTrainedModel, tokenizer, path: Path, quant: str, *, ge
                 ppl_tokens: int) -> dict:
     """llama.cpp against torch on the same token ids: 32 greedy tokens after a random prompt, and the
     perplexity of wiki-summaries windows of 256 tokens."""
+    from tyrsearch.exporters.onnx_export import compare_tokens, torch_greedy
+
     prompt = torch.randint(0, model.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
-    want = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
-                          max_new_tokens=generate_tokens, min_new_tokens=generate_tokens,
-                          pad_token_id=model.config.eos_token_id)[0, prompt.shape[1]:].tolist()
+    want = torch_greedy(model, prompt, generate_tokens)
     ids = data.eval_batches(tokenizer, texts.read_text("wiki-summaries"), seq_len=256, max_tokens=ppl_tokens)
     runner = llamacpp.Runner(path, context=max(256, prompt.shape[1] + generate_tokens))
     got = runner.greedy(prompt[0].tolist(), generate_tokens)
     torch_ppl = metrics.perplexity(model, ids, progress=False)["ppl"]
     llama_ppl = runner.perplexity(ids.numpy())
-    first = next((i for i, (a, b) in enumerate(zip(want, got, strict=True)) if a != b), None)
-    figures = {"generation": {"tokens": generate_tokens, "equal_to_torch": want == got, "first_difference": first},
+    figures = {"generation": {"tokens": generate_tokens, **compare_tokens(want, got, "torch")},
                "held_out": {"text": "wiki-summaries", "tokens": int(ids.numel()), "ppl_torch": torch_ppl,
                             "ppl_llama_cpp": llama_ppl, "ppl_ratio": llama_ppl / torch_ppl}}
     passed = np.isfinite(llama_ppl)

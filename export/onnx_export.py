@@ -241,7 +241,13 @@ def ort_perplexity(path: Path, ids: np.ndarray) -> float:
     return float(np.exp(nll / count))
 
 
-def _compare(want: list[int], got: list[int], name: str) -> dict:
+def torch_greedy(model: PreTrainedModel, prompt: torch.Tensor, tokens: int) -> list[int]:
+    """torch's `generate`: `tokens` greedy tokens after `prompt` [1, L], never stopping at end of sequence."""
+    return model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=tokens,
+                          min_new_tokens=tokens, pad_token_id=model.config.eos_token_id)[0, prompt.shape[1]:].tolist()
+
+
+def compare_tokens(want: list[int], got: list[int], name: str) -> dict:
     """Whether two greedy generations are equal, and where they first differ."""
     first = next((i for i, (a, b) in enumerate(zip(want, got, strict=True)) if a != b), None)
     return {f"equal_to_{name}": want == got, "first_difference": first}
@@ -276,17 +282,15 @@ def verify(model: PreTrainedModel, path: Path, config: ExportConfig, *, precisio
     passed = worst <= tolerance["max_abs"] and agree / total >= tolerance["argmax"] and np.isfinite(worst)
     if config.kv_cache:
         prompt = torch.randint(0, model.config.vocab_size, (1, 8), generator=generator)
-        want = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
-                              max_new_tokens=config.generate_tokens, min_new_tokens=config.generate_tokens,
-                              pad_token_id=model.config.eos_token_id)[0, prompt.shape[1]:].tolist()
+        want = torch_greedy(model, prompt, config.generate_tokens)
         got_tokens = runtime.Decoder(session).greedy(prompt.numpy(), config.generate_tokens)
-        result["generation"] = {"tokens": config.generate_tokens, **_compare(want, got_tokens, "torch")}
+        result["generation"] = {"tokens": config.generate_tokens, **compare_tokens(want, got_tokens, "torch")}
         if precision == "fp32":
             passed = passed and want == got_tokens
         if genai.available():  # the runtime genai_config.json is for: fp32 as torch, int8 as ONNX Runtime
             genai_tokens = genai.greedy(path, prompt[0].tolist(), config.generate_tokens)
             expected, name = (want, "torch") if precision == "fp32" else (got_tokens, "onnxruntime")
-            result["genai"] = {"tokens": config.generate_tokens, **_compare(expected, genai_tokens, name)}
+            result["genai"] = {"tokens": config.generate_tokens, **compare_tokens(expected, genai_tokens, name)}
             passed = passed and expected == genai_tokens
     result["tolerance"] = tolerance
     result["passed"] = bool(passed)

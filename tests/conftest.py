@@ -205,6 +205,24 @@ def random_network(config, *, seed: int = 0) -> torch.nn.Module:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Distillation
+
+
+@pytest.fixture(scope="module")
+def windows():
+    """Training windows [32, 32] of random token ids below VOCAB (the distillation and healing tests')."""
+    return torch.randint(0, VOCAB, (32, 32), generator=torch.Generator().manual_seed(5))
+
+
+def kl_to_teacher(student, teacher, tokens: torch.Tensor) -> float:
+    """The distillation loss (KL from teacher to student, T = 1) on token ids [n, L]."""
+    from tyrsearch.healing import distillation_loss
+
+    with torch.no_grad():
+        return distillation_loss(student(tokens).logits, teacher(tokens).logits, 1.0).item()
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Texts and tokenizers
 
 

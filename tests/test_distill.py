@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, TrainerCallback
 
-from tests.conftest import VOCAB, run_cli, tiny_llama
+from tests.conftest import VOCAB, kl_to_teacher, run_cli, tiny_llama
 from tyrsearch.errors import UserError
 from tyrsearch.healing import DistillConfig, distill, distillation_loss
 from tyrsearch.local import make_criterion
@@ -32,16 +32,6 @@ def moe(teacher):
     return moefy(teacher, calibration, experts=4, top_k=1, progress=False)
 
 
-@pytest.fixture(scope="module")
-def windows():
-    return torch.randint(0, VOCAB, (32, 32), generator=torch.Generator().manual_seed(5))
-
-
-def _kl(student, teacher, tokens) -> float:
-    with torch.no_grad():
-        return distillation_loss(student(tokens).logits, teacher(tokens).logits, 1.0).item()
-
-
 def test_distillation_loss_is_the_mean_kl_from_teacher_to_student():
     student, teacher = torch.randn(2, 3, 7), torch.randn(2, 3, 7)
     p, q = F.softmax(teacher, dim=-1), F.softmax(student, dim=-1)
@@ -57,10 +47,10 @@ def test_distillation_loss_is_the_mean_kl_from_teacher_to_student():
 def test_distill_brings_the_student_closer_and_trains_only_its_mlps(teacher, moe, windows, tmp_path):
     student = copy.deepcopy(moe)
     held_out = torch.randint(0, VOCAB, (8, 32), generator=torch.Generator().manual_seed(4))
-    before = _kl(student, teacher, held_out)
+    before = kl_to_teacher(student, teacher, held_out)
     history = distill(teacher, student, windows, tmp_path / "ck", progress=False,
                       config=DistillConfig(steps=20, lr=3e-3, warmup=2, save_every=10))
-    assert _kl(student, teacher, held_out) < 0.8 * before
+    assert kl_to_teacher(student, teacher, held_out) < 0.8 * before
     assert [row["step"] for row in history if "loss" in row] == [10, 20]
     after = student.state_dict()
     changed = {name for name, value in after.items() if not torch.equal(value, moe.state_dict()[name])}

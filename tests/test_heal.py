@@ -8,10 +8,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, TrainerCallback
 
-from tests.conftest import VOCAB, run_cli, search_args, tiny_llama
+from tests.conftest import VOCAB, kl_to_teacher, run_cli, search_args, tiny_llama
 from tyrsearch import api
 from tyrsearch.errors import ParameterError
-from tyrsearch.healing import DistillConfig, Heal, distill, distillation_loss
+from tyrsearch.healing import DistillConfig, Heal, distill
 from tyrsearch.local import make_criterion
 from tyrsearch.models import LayerShape, adapter_for
 from tyrsearch.pruner import prune
@@ -40,16 +40,6 @@ def pruned(teacher):
     return student
 
 
-@pytest.fixture(scope="module")
-def windows():
-    return torch.randint(0, VOCAB, (32, 32), generator=torch.Generator().manual_seed(5))
-
-
-def _kl(student, teacher, tokens) -> float:
-    with torch.no_grad():
-        return distillation_loss(student(tokens).logits, teacher(tokens).logits, 1.0).item()
-
-
 LORA = DistillConfig(steps=16, lr=1e-2, warmup=1, save_every=8, method="lora", lora_rank=4)
 
 
@@ -57,7 +47,7 @@ def test_lora_heals_through_adapters_merged_into_the_pruned_shapes(teacher, prun
     student = copy.deepcopy(pruned)
     before = {name: value.clone() for name, value in student.state_dict().items()}
     distill(teacher, student, windows, tmp_path, config=LORA, progress=False)
-    assert _kl(student, teacher, windows[:8]) < 0.9 * _kl(pruned, teacher, windows[:8])
+    assert kl_to_teacher(student, teacher, windows[:8]) < 0.9 * kl_to_teacher(pruned, teacher, windows[:8])
     after = student.state_dict()
     assert {name: value.shape for name, value in after.items()} == {n: v.shape for n, v in before.items()}
     changed = {name for name, value in after.items() if not torch.equal(value, before[name])}
