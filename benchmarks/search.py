@@ -157,12 +157,12 @@ def run(args) -> None:
         results["dense"] = {**metrics.perplexity(dense, heldout), "decoder_params": metrics.decoder_params(dense)}
         save(name, results, table(results))
 
-    def record(target: str, name: str, model, sparsity: float) -> None:
+    def record(target: str, allocation: str, model, sparsity: float) -> None:
         row = results["targets"].setdefault(target, {"ppl": {}, "sparsity": {}})
-        row["ppl"][name] = metrics.perplexity(model, heldout)["ppl"]
-        row["sparsity"][name] = sparsity
+        row["ppl"][allocation] = metrics.perplexity(model, heldout)["ppl"]
+        row["sparsity"][allocation] = sparsity
         save(name, results, table(results))
-        print(f"{target} {name}: ppl {row['ppl'][name]:.2f}", flush=True)
+        print(f"{target} {allocation}: ppl {row['ppl'][allocation]:.2f}", flush=True)
 
     for target in args.targets:
         key = str(target)
