@@ -45,13 +45,39 @@ def _quiet():
             os.close(saved)
 
 
+@contextlib.contextmanager
+def _without_amx():
+    """Load without llama.cpp's extra weight buffer types where the build uses AMX: its AMX buffers crash
+    (a general protection fault in libggml-cpu as a q8_0 SmolLM2 loads) on the AMX machines we run on.
+    Llama() takes no such argument, so its default model parameters are patched while it loads; this also
+    turns off the CPU repacking, the price of a model that loads."""
+    import llama_cpp
+    import llama_cpp.llama as high_level
+
+    if b"AMX_INT8 = 1" not in llama_cpp.llama_print_system_info():
+        yield
+        return
+    default = high_level.llama_cpp.llama_model_default_params
+
+    def params():
+        chosen = default()
+        chosen.use_extra_bufts = False
+        return chosen
+
+    high_level.llama_cpp.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        high_level.llama_cpp.llama_model_default_params = default
+
+
 class Runner:
     """One GGUF file loaded in llama.cpp, evaluated from token ids on `threads` CPU threads."""
 
     def __init__(self, path: Path, *, context: int = 512, threads: int = 2) -> None:
         import llama_cpp
 
-        with _quiet():
+        with _quiet(), _without_amx():
             self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=context, n_batch=context, n_threads=threads,
                                        n_threads_batch=threads, logits_all=True, verbose=False)
 
