@@ -46,10 +46,11 @@ from tyrsearch.space import Fitness, SearchSpace, Stage, UnitSpace
 VOCAB = 96
 
 
-def tiny_llama(*, vocab: int = VOCAB, layers: int = 3, seed: int = 0) -> LlamaForCausalLM:
+def tiny_llama(*, vocab: int = VOCAB, layers: int = 3, seed: int = 0, init: float = 0.02) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=vocab, hidden_size=48, intermediate_size=64, num_hidden_layers=layers,
-                         num_attention_heads=6, num_key_value_heads=2, head_dim=8, tie_word_embeddings=True)
+                         num_attention_heads=6, num_key_value_heads=2, head_dim=8, tie_word_embeddings=True,
+                         initializer_range=init)
     return LlamaForCausalLM(config).eval()
 
 
@@ -272,12 +273,15 @@ def prose(n_paragraphs: int, *, seed: int = 0) -> str:
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory, smollm2_folder):
-    """A tiny random Llama with SmolLM2's real tokenizer, saved as an HF folder."""
+    """A tiny random Llama with SmolLM2's real tokenizer, saved as an HF folder. Its weights are drawn wider
+    than transformers' default (0.1, not 0.02): at 0.02 its next-token distributions are nearly uniform, every
+    candidate's KL is ~1e-8, and which one wins is float noise that differs between processes (a search
+    resumed in another process found another winner)."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_folder)
     folder = tmp_path_factory.mktemp("tiny") / "model"
-    save_pruned(tiny_llama(vocab=len(tokenizer)), tokenizer, folder)
+    save_pruned(tiny_llama(vocab=len(tokenizer), init=0.1), tokenizer, folder)
     return folder
 
 
