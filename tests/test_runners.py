@@ -18,11 +18,12 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from tests.conftest import RUNNER_SPACE, check_every_place_once, run_cli, search_args, space_file
+from tests.conftest import RUNNER_SPACE, SEARCH_SPACE, check_every_place_once, run_cli, search_args, space_file
 from tyrsearch.search import study as schema
+from tyrsearch.search.selection import SelectionPruner
 from tyrsearch.search.storage import open_storage
 from tyrsearch.search.study import GENERATION, INDEX, ITERATION
-from tyrsearch.search.worker import Heartbeat, claim
+from tyrsearch.search.worker import Dispatcher, Heartbeat, claim, retry
 
 
 @pytest.fixture
@@ -234,3 +235,44 @@ def test_a_worker_killed_as_it_claims_leaves_a_trial_that_goes_stale_and_is_retr
     retried = [t for t in study.trials if t.system_attrs.get("failed_trial") == held.number]
     assert len(retried) == 1 and retried[0].state == TrialState.WAITING
     assert schema.planned_params(retried[0]) == schema.planned_params(held)  # the same candidate, claimable
+
+
+def _planned_study(iterations: int) -> optuna.Study:
+    """An in-memory study with iterations 0..iterations-1 recorded (supernet folders net0, net1, ...), the
+    last current, and one planned candidate in it."""
+    study = optuna.create_study(pruner=SelectionPruner(survivors=[s.survivors for s in SEARCH_SPACE.selection]))
+    for k in range(iterations):
+        schema.start_iteration(study, k, schema.IterationRecord(grid=[{"mlp": [8, 4, 0]}], levels=1, start={},
+                                                                steps={"mlp": 4}, cost={}, supernet=f"net{k}"))
+    schema.add_planned_trial(study, schema.Place(iterations - 1, 0, 0))
+    schema.set_planned_params(study, study.trials[0], {"L00.mlp": 0})
+    return study
+
+
+def test_a_held_trial_is_evaluated_on_its_own_iterations_supernet_while_a_resumed_search_walks_back():
+    """A resumed search makes its finished iterations current again on its way to the last one; a worker
+    holding a trial of the last must not evaluate its next stage on an earlier iteration's supernet."""
+    study = _planned_study(2)
+    dispatcher = Dispatcher(study=study, space=SEARCH_SPACE, seq_len=24)
+    first = dispatcher.next()
+    assert (first.iteration, first.stage, first.supernet) == (1, 0, "net1")
+    dispatcher.record(first, 0.5, 0.1, worker="here")
+    schema.start_iteration(study, 0, schema.iteration_record(study, 0))  # the resumed search passes iteration 0
+    second = dispatcher.next()
+    assert (second.iteration, second.stage, second.supernet) == (1, 1, "net1")
+
+
+def test_the_copy_of_a_trial_that_reported_its_last_stage_completes_with_that_value():
+    """A worker that dies between reporting the last stage and completing the trial: the retried copy
+    inherits every stage's value, so the next worker completes it without evaluating anything."""
+    study = _planned_study(1)
+    dying = Dispatcher(study=study, space=SEARCH_SPACE, seq_len=24)
+    for stage, value in enumerate((0.3, 0.2)):
+        task = dying.next()
+        assert task.stage == stage
+        dying.record(task, value, 0.1, worker="dying")
+    optuna.Trial(study, schema.trial_id(study.trials[0])).report(0.25, len(SEARCH_SPACE.selection) - 1)
+    retry(study, study.trials[0])  # what the heartbeat does once the worker is dead
+    assert Dispatcher(study=study, space=SEARCH_SPACE, seq_len=24).next() is None  # nothing to evaluate
+    original, copy = study.trials
+    assert original.state == TrialState.FAIL and copy.state == TrialState.COMPLETE and copy.value == 0.25

@@ -174,14 +174,13 @@ class Dispatcher:
         drops on the way). None: nothing to evaluate now."""
         iteration = schema.current_iteration(self.study)
         record = None if iteration is None else schema.iteration_record(self.study, iteration)
-        if record is None or record.supernet is None:
-            return None
-        trial = claim(self.study, iteration, heartbeat=self.heartbeat)  # new ones first: a held one waits anyway
-        if trial is not None:
-            self.held.add(schema.trial_id(trial))
-            return self._task(schema.trial_id(trial), record)
+        if record is not None and record.supernet is not None:
+            trial = claim(self.study, iteration, heartbeat=self.heartbeat)  # new ones first: a held one waits anyway
+            if trial is not None:
+                self.held.add(schema.trial_id(trial))
+                return self._task(schema.trial_id(trial))
         for trial_id in sorted(self.held - self.in_flight):
-            task = self._task(trial_id, record)
+            task = self._task(trial_id)
             if task is not None:
                 return task
         return None
@@ -199,8 +198,7 @@ class Dispatcher:
         if len(self.objectives) == 1:  # Optuna prunes (selects) single-objective trials only
             trial.report(value, task.stage)
         if task.stage + 1 == len(self.stage_sequences):
-            attrs = self._frozen(task.trial_id).user_attrs
-            self._finish(trial, values=[value, *(attrs[OBJECTIVES[name]] for name in self.objectives[1:])])
+            self._complete(trial, value)
 
     def abandon(self, task: Task) -> None:
         """The task's evaluation failed: fail the trial and queue the candidate again (stages kept)."""
@@ -215,13 +213,19 @@ class Dispatcher:
     def _frozen(self, trial_id: int) -> FrozenTrial:
         return schema.fresh(self.study, trial_id)
 
-    def _task(self, trial_id: int, record: schema.IterationRecord) -> Task | None:
+    def _task(self, trial_id: int) -> Task | None:
         frozen = self._frozen(trial_id)
         iteration, generation = schema.iteration_of(frozen), schema.generation_of(frozen)
+        # the trial's own iteration, which need not be the current one: a resumed search walks its finished
+        # iterations again while this worker still holds trials of the last
+        record = schema.iteration_record(self.study, iteration)
         stage = max(frozen.intermediate_values, default=-1) + 1  # the next stage to evaluate
         if stage > 0 and not self._stage_done(iteration, generation, stage - 1):
             return None  # the generation's other candidates have not all reported yet
         trial = optuna.Trial(self.study, trial_id)
+        if stage == len(self.stage_sequences):  # a copy of a trial whose worker died between its last report
+            self._complete(trial, frozen.intermediate_values[stage - 1])  # and completing it
+            return None
         params = {name: trial.suggest_int(name, -record.levels, record.levels)
                   for name in sorted(schema.planned_params(frozen))}
         if stage > 0 and trial.should_prune():
@@ -231,6 +235,10 @@ class Dispatcher:
         return Task(trial_id=trial_id, iteration=iteration, generation=generation, stage=stage,
                     sequences=self.stage_sequences[stage], params=params,
                     parent=self._parent(iteration, generation), supernet=record.supernet)
+
+    def _complete(self, trial: optuna.Trial, value: float) -> None:
+        attrs = self._frozen(schema.trial_id(trial)).user_attrs
+        self._finish(trial, values=[value, *(attrs[OBJECTIVES[name]] for name in self.objectives[1:])])
 
     def _finish(self, trial: optuna.Trial, **outcome) -> None:
         self.study.tell(trial, **outcome)
