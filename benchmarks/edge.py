@@ -51,8 +51,13 @@ def prompt_ids() -> list[int]:
     return torch.randint(0, 49152, (PROMPT,), generator=torch.Generator().manual_seed(0)).tolist()
 
 
+def exports(name: str) -> Path:
+    """The folder of a model's exports (ONNX under onnx/, GGUF files beside it)."""
+    return RUNS / name.replace(" ", "-")
+
+
 def onnx_report(name: str, model: str) -> tuple[Path, dict]:
-    out = RUNS / name.replace(" ", "-") / "onnx" / "model.onnx"
+    out = exports(name) / "onnx" / "model.onnx"
     report = json.loads((out.parent / "export.json").read_text()) if out.exists() else \
         tyrsearch.export(model, out=out, kv_cache=True, int8=True).figures
     return out, report
@@ -83,7 +88,7 @@ def onnx_rows(name: str, model: str) -> dict:
 def gguf_rows(name: str, model: str) -> dict:
     rows = {}
     for quant in GGUF:
-        out = RUNS / name.replace(" ", "-") / f"model.{quant}.gguf"
+        out = exports(name) / f"model.{quant}.gguf"
         if out.exists():
             out.unlink()  # the verification figures come with the export
         report = tyrsearch.export(model, out=out, format="gguf", quant=quant).figures
@@ -95,14 +100,14 @@ def gguf_rows(name: str, model: str) -> dict:
 
 
 def exported(name: str) -> bool:
-    folder = RUNS / name.replace(" ", "-")
+    folder = exports(name)
     return (folder / "onnx" / "model.int8.onnx").exists() and all(
         (folder / f"model.{quant}.gguf").exists() for quant in GGUF)
 
 
 def runners(name: str) -> dict:
     """The model's exports, each loaded in its runtime: runtime name -> an object with `speed()`."""
-    folder = RUNS / name.replace(" ", "-")
+    folder = exports(name)
     graph = folder / "onnx" / "model.onnx"
     found = {f"onnxruntime-genai {precision}": genai.Runner(path, threads=THREADS)
              for precision, path in (("fp32", graph), ("int8", graph.with_suffix(".int8.onnx")))}

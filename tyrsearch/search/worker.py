@@ -216,9 +216,6 @@ class Dispatcher:
     def _task(self, trial_id: int) -> Task | None:
         frozen = self._frozen(trial_id)
         iteration, generation = schema.iteration_of(frozen), schema.generation_of(frozen)
-        # the trial's own iteration, which need not be the current one: a resumed search walks its finished
-        # iterations again while this worker still holds trials of the last
-        record = schema.iteration_record(self.study, iteration)
         stage = max(frozen.intermediate_values, default=-1) + 1  # the next stage to evaluate
         if stage > 0 and not self._stage_done(iteration, generation, stage - 1):
             return None  # the generation's other candidates have not all reported yet
@@ -226,6 +223,9 @@ class Dispatcher:
         if stage == len(self.stage_sequences):  # a copy of a trial whose worker died between its last report
             self._complete(trial, frozen.intermediate_values[stage - 1])  # and completing it
             return None
+        # the trial's own iteration, which need not be the current one: a resumed search walks its finished
+        # iterations again while this worker still holds trials of the last
+        record = schema.iteration_record(self.study, iteration)
         params = {name: trial.suggest_int(name, -record.levels, record.levels)
                   for name in sorted(schema.planned_params(frozen))}
         if stage > 0 and trial.should_prune():
