@@ -21,9 +21,17 @@ def environment() -> dict:
         "commit": commit.stdout.strip() or None,
         "python": platform.python_version(),
         "cpu_cores": os.cpu_count(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
         **{name: metadata.version(name) for name in ("torch", "transformers", "tyrsearch")},
     }
+
+
+def cpu_model() -> str:
+    """The CPU's model name where Linux tells it: machines of one core count differ in speed by 2x."""
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+             if line.startswith("model name")] if cpuinfo.is_file() else []
+    return names[0] if names else platform.processor() or platform.machine()
 
 
 def load(name: str) -> dict:
