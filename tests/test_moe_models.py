@@ -81,8 +81,9 @@ def test_block_config_names_experts_only_in_moe_layers():
 
 @pytest.mark.parametrize("name", sorted(MOE_FAMILIES))
 def test_removing_experts_equals_never_routing_to_them(name, tokens):
-    # in float64 the two agree bit for bit (float32 differs by reduction order, ~1e-6); the default
-    # grouped_mm experts kernel has no float64, the eager loop does
+    # in float64 the two agree to rounding (float32 differs by reduction order, ~1e-6; float64's matmul
+    # kernels, chosen per CPU and width, still differ in the last bits); the default grouped_mm experts
+    # kernel has no float64, the eager loop does
     model = MOE_FAMILIES[name]().double()
     model.set_experts_implementation("eager")
     keep = KEEP[name]
@@ -93,7 +94,7 @@ def test_removing_experts_equals_never_routing_to_them(name, tokens):
             reference = model(tokens).logits
         remove_experts(model, keep)
         pruned = model(tokens).logits
-    assert torch.equal(pruned, reference)
+    torch.testing.assert_close(pruned, reference, rtol=0, atol=1e-12)
     assert not torch.allclose(pruned, dense, atol=1e-3)  # the removed experts did matter
     for idx, kept in keep.items():
         moe = model.model.layers[idx].mlp

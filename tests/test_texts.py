@@ -77,6 +77,21 @@ def test_dedupe_of_a_held_out_domain_removes_what_calibration_holds(monkeypatch)
     assert planted not in texts.read_text("docs") and texts.read_text("docs") == texts.read_text("docs")
 
 
+@pytest.mark.parametrize("name", ["programming", "technical"])
+def test_the_later_calibration_corpora_share_nothing_with_any_held_out_domain(name, smollm2_tokenizer):
+    text = texts.read_text(name)
+    assert texts.SOURCES[name].role == texts.CALIBRATION
+    assert data.tokenize(smollm2_tokenizer, text).numel() >= 65_536
+    held_out = set().union(*(texts.shingles(texts.read_text(domain)) for domain in texts.HELD_OUT_DOMAINS))
+    assert not texts.shingles(text) & held_out
+
+
+def test_a_held_out_document_in_later_calibration_text_is_dropped():
+    planted = next(p for p in texts.read_text("code").split("\n\n") if len(p.split()) > 40)
+    raw = "a calibration document\n\n" + planted + "\n\nanother one"
+    assert texts.without_held_out(raw) == "a calibration document\n\nanother one"
+
+
 def test_a_missing_or_damaged_archive_names_the_download_command(monkeypatch, tmp_path):
     monkeypatch.setattr(texts, "assets_download_dir", lambda: tmp_path)
     with pytest.raises(UserError, match="pip download --no-deps --no-binary brotli brotli==1.2.1"):

