@@ -391,14 +391,14 @@ def processes_mentioning(marker: str) -> list[int]:
     return found
 
 
-def stop_processes(marker: str, *, timeout_s: float = 30) -> None:
-    """End the processes that mention `marker` (SIGTERM, then SIGKILL): only ours, never every Ray cluster
-    of the user as `ray stop --force` would."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+def stop_processes(marker: str, *, grace_s: float = 5, timeout_s: float = 30) -> None:
+    """End the processes that mention `marker` (SIGTERM, then SIGKILL after `grace_s`): only ours, never
+    every Ray cluster of the user as `ray stop --force` would."""
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, timeout_s)):
         for pid in processes_mentioning(marker):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
-        deadline = time.monotonic() + timeout_s
+        deadline = time.monotonic() + wait_s
         while processes_mentioning(marker) and time.monotonic() < deadline:
             time.sleep(0.2)
 
