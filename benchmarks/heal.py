@@ -10,6 +10,7 @@ full-weight MLP training unless the row says otherwise; osscar everywhere):
     searched + LoRA heal           `heal_method="lora"`, `heal_lr=1e-3`
     searched at lr 3e-4 / 1e-3     full-weight, `heal_lr` above the 1e-4 default
     ... at lr 1e-3 on four texts   and healed on `c4,wiki,programming,technical` (code and manuals too)
+    uniform at lr 1e-3 on four texts   the same heal for uniform: does the search matter at the best heal?
 The searched rows share one search per target: benchmarks/search.py's run folder (runs/bench-search/tT) when
 it is there, else one made here; each row resumes a copy of it with its heal settings (the study is
 finished, so only the selection and the healing run). Per row: perplexity before and after healing on
@@ -52,7 +53,11 @@ ROWS = {  # row -> how it is made: a one-shot allocation, or the search's extra 
     "searched at lr 1e-3": {"heal_lr": 1e-3},
     # the held-out domain furthest from dense is code: does healing text that covers it close the gap?
     "searched at lr 1e-3 on four texts": {"heal_lr": 1e-3, "heal_text": "c4,wiki,programming,technical"},
+    "uniform at lr 1e-3 on four texts": {"allocation": "uniform", "heal_lr": 1e-3,
+                                         "heal_text": "c4,wiki,programming,technical"},
 }
+SEARCHED_OVER_UNIFORM = (("searched", "uniform"),  # pairs healed alike: does the search still matter?
+                         ("searched at lr 1e-3 on four texts", "uniform at lr 1e-3 on four texts"))
 GOALS = {"best_row_times_dense": 3.0, "searched_over_uniform": 0.85}
 
 
@@ -81,8 +86,8 @@ def made(target: float, row: str, args) -> dict:
                                                                                       "report.html"))
     tic = time.perf_counter()
     if "allocation" in how:
-        figures = tyrsearch.prune(MODEL, sparsity=target, allocation=how["allocation"], out=out / "model",
-                                  calib_seqs=32, overwrite=True, **heal).figures
+        figures = tyrsearch.prune(MODEL, sparsity=target, out=out / "model", calib_seqs=32, overwrite=True,
+                                  **heal, **how).figures
     elif "rounds" in how:
         heal["heal_steps"] = args.heal_steps // how["rounds"]  # the same token budget as every other row
         figures = tyrsearch.search(MODEL, target=target, out=out, calib_seqs=32, seed=0, rounds=how["rounds"],
@@ -150,8 +155,8 @@ def goals(results: dict) -> list[str]:
         best = min(worst, key=worst.get)
         lines.append(f"Target {target}: best healed row {best} at most {worst[best]:.2f}x dense on every domain "
                      f"(goal {GOALS['best_row_times_dense']}x)"
-                     + (f"; searched / uniform {geomean('searched', 'uniform'):.2f} (goal "
-                        f"{GOALS['searched_over_uniform']})" if {"searched", "uniform"} <= rows.keys() else "")
+                     + "".join(f"; {a} / {b} {geomean(a, b):.2f} (goal {GOALS['searched_over_uniform']})"
+                               for a, b in SEARCHED_OVER_UNIFORM if {a, b} <= rows.keys())
                      + (f"; healing-aware / searched {geomean('healing-aware (K=4)', 'searched'):.2f} (goal 1.0)"
                         if {"searched", "healing-aware (K=4)"} <= rows.keys() else "") + ".")
     return lines
