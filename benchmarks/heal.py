@@ -10,7 +10,8 @@ full-weight MLP training unless the row says otherwise; osscar everywhere):
     searched + LoRA heal           `heal_method="lora"`, `heal_lr=1e-3`
     searched at lr 3e-4 / 1e-3     full-weight, `heal_lr` above the 1e-4 default
     ... at lr 1e-3 on four texts   and healed on `c4,wiki,programming,technical` (code and manuals too)
-    uniform at lr 1e-3 on four texts   the same heal for uniform: does the search matter at the best heal?
+    uniform / owl at lr 1e-3 on four texts   the same heal for the one-shot allocations: does the search
+                                             still matter at the best heal?
 The searched rows share one search per target: benchmarks/search.py's run folder (runs/bench-search/tT) when
 it is there, else one made here; each row resumes a copy of it with its heal settings (the study is
 finished, so only the selection and the healing run). Per row: perplexity before and after healing on
@@ -42,6 +43,7 @@ MODEL = "smollm2-135m"
 RUNS = ROOT / "runs" / "heal"
 SEARCHES = ROOT / "runs" / "bench-search"
 DOMAINS = ",".join(texts.HELD_OUT_DOMAINS)
+FOUR_TEXTS = "c4,wiki,programming,technical"  # the calibration corpora: web, encyclopedic, code, technical
 ROWS = {  # row -> how it is made: a one-shot allocation, or the search's extra heal settings
     "uniform": {"allocation": "uniform"},
     "owl": {"allocation": "owl"},
@@ -52,9 +54,9 @@ ROWS = {  # row -> how it is made: a one-shot allocation, or the search's extra 
     "searched at lr 3e-4": {"heal_lr": 3e-4},  # full-weight at LoRA-like rates: is the 1e-4 default too low?
     "searched at lr 1e-3": {"heal_lr": 1e-3},
     # the held-out domain furthest from dense is code: does healing text that covers it close the gap?
-    "searched at lr 1e-3 on four texts": {"heal_lr": 1e-3, "heal_text": "c4,wiki,programming,technical"},
-    "uniform at lr 1e-3 on four texts": {"allocation": "uniform", "heal_lr": 1e-3,
-                                         "heal_text": "c4,wiki,programming,technical"},
+    "searched at lr 1e-3 on four texts": {"heal_lr": 1e-3, "heal_text": FOUR_TEXTS},
+    "uniform at lr 1e-3 on four texts": {"allocation": "uniform", "heal_lr": 1e-3, "heal_text": FOUR_TEXTS},
+    "owl at lr 1e-3 on four texts": {"allocation": "owl", "heal_lr": 1e-3, "heal_text": FOUR_TEXTS},
 }
 SEARCHED_OVER_UNIFORM = (("searched", "uniform"),  # pairs healed alike: does the search still matter?
                          ("searched at lr 1e-3 on four texts", "uniform at lr 1e-3 on four texts"))
