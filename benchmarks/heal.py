@@ -12,6 +12,7 @@ full-weight MLP training unless the row says otherwise; osscar everywhere):
     ... at lr 1e-3 on four texts   and healed on `c4,wiki,programming,technical` (code and manuals too)
     uniform / owl at lr 1e-3 on four texts   the same heal for the one-shot allocations: does the search
                                              still matter at the best heal?
+    ... on four texts, 4x steps    searched and uniform at four times the token budget
 The searched rows share one search per target: benchmarks/search.py's run folder (runs/bench-search/tT) when
 it is there, else one made here; each row resumes a copy of it with its heal settings (the study is
 finished, so only the selection and the healing run). Per row: perplexity before and after healing on
@@ -57,14 +58,19 @@ ROWS = {  # row -> how it is made: a one-shot allocation, or the search's extra 
     "searched at lr 1e-3 on four texts": {"heal_lr": 1e-3, "heal_text": FOUR_TEXTS},
     "uniform at lr 1e-3 on four texts": {"allocation": "uniform", "heal_lr": 1e-3, "heal_text": FOUR_TEXTS},
     "owl at lr 1e-3 on four texts": {"allocation": "owl", "heal_lr": 1e-3, "heal_text": FOUR_TEXTS},
+    # the loss still falls at the end of the default budget: what does four times the tokens buy?
+    "searched at lr 1e-3 on four texts, 4x steps": {"heal_lr": 1e-3, "heal_text": FOUR_TEXTS, "steps_times": 4},
+    "uniform at lr 1e-3 on four texts, 4x steps": {"allocation": "uniform", "heal_lr": 1e-3,
+                                                   "heal_text": FOUR_TEXTS, "steps_times": 4},
 }
 SEARCHED_OVER_UNIFORM = (("searched", "uniform"),  # pairs healed alike: does the search still matter?
-                         ("searched at lr 1e-3 on four texts", "uniform at lr 1e-3 on four texts"))
+                         ("searched at lr 1e-3 on four texts", "uniform at lr 1e-3 on four texts"),
+                         ("searched at lr 1e-3 on four texts, 4x steps", "uniform at lr 1e-3 on four texts, 4x steps"))
 GOALS = {"best_row_times_dense": 3.0, "searched_over_uniform": 0.85}
 
 
 def folder(target: float, row: str) -> Path:
-    return RUNS / f"t{target}-{row.split(' (')[0].replace(' + ', '-').replace(' ', '-')}"
+    return RUNS / f"t{target}-{row.split(' (')[0].replace(' + ', '-').replace(', ', '-').replace(' ', '-')}"
 
 
 def base_search(target: float, args) -> Path:
@@ -77,11 +83,11 @@ def base_search(target: float, args) -> Path:
 
 def made(target: float, row: str, args) -> dict:
     """The row's result.json, made unless it is there; with the wall time of what ran here."""
-    out, how = folder(target, row), ROWS[row]
+    out, how = folder(target, row), {k: v for k, v in ROWS[row].items() if k != "steps_times"}
     result = out / "result.json"
     if result.is_file():
         return json.loads(result.read_text())
-    heal = {"heal_steps": args.heal_steps, "eval_text": DOMAINS, "eval_tokens": args.eval_tokens}
+    heal = {"heal_steps": heal_steps(row, args), "eval_text": DOMAINS, "eval_tokens": args.eval_tokens}
     searched = not {"allocation", "rounds"} & how.keys()
     if searched and not (out / "study.db").is_file():  # before the clock: the shared search is no row's time
         shutil.copytree(base_search(target, args), out, ignore=shutil.ignore_patterns("model", "result.json",
@@ -101,6 +107,10 @@ def made(target: float, row: str, args) -> dict:
     figures = {**figures, "benchmark_seconds": time.perf_counter() - tic}
     result.write_text(json.dumps(figures, indent=2) + "\n")
     return figures
+
+
+def heal_steps(row: str, args) -> int:
+    return args.heal_steps * ROWS[row].get("steps_times", 1)
 
 
 def row_figures(figures: dict) -> dict:
@@ -134,8 +144,8 @@ def table(results: dict) -> str:
     lines += goals(results)
     st = results["settings"]
     lines += ["", f"SmolLM2-135M, osscar everywhere. Every heal: {st['heal_steps']} steps x 4 x 256 tokens of "
-              f"`c4,wiki` unless the row names more texts ({st['heal_steps'] * 1024} tokens, the texts in turn; "
-              "two rounds: half in each), AdamW at 1e-4 unless the row names a rate (LoRA: 1e-3, rank 16), MLP "
+              f"`c4,wiki` unless the row names more texts or steps ({st['heal_steps'] * 1024} tokens, the texts in "
+              "turn; two rounds: half in each), AdamW at 1e-4 unless the row names a rate (LoRA: 1e-3, rank 16), MLP "
               "weights; distillation from the dense model. Perplexity at seq 512 on the first "
               f"{st['eval_tokens']} tokens of each held-out domain, after healing (in parentheses: over the dense "
               f"model's); zero-shot: mean acc_norm of four tasks, {st['zero_shot']} examples each. Times on 2 CPU "
@@ -198,7 +208,8 @@ def run(args) -> None:
         for name in (n for n in ROWS if n in args.rows):
             if name not in rows:
                 print(f"{target} {name}", flush=True)
-                rows[name] = {**row_figures(made(target, name, args)), "cpu": cpu_model()}  # times are per machine
+                rows[name] = {**row_figures(made(target, name, args)), "heal_steps": heal_steps(name, args),
+                              "cpu": cpu_model()}  # times are per machine
                 commit()
             if args.zero_shot and rows[name].get("zero_shot", {}).get("limit") != args.zero_shot:
                 healed = tyrsearch.api.load(folder(target, name) / "model")
