@@ -63,9 +63,6 @@ ROWS = {  # row -> how it is made: a one-shot allocation, or the search's extra 
     "uniform at lr 1e-3 on four texts, 4x steps": {"allocation": "uniform", "heal_lr": 1e-3,
                                                    "heal_text": FOUR_TEXTS, "steps_times": 4},
 }
-SEARCHED_OVER_UNIFORM = (("searched", "uniform"),  # pairs healed alike: does the search still matter?
-                         ("searched at lr 1e-3 on four texts", "uniform at lr 1e-3 on four texts"),
-                         ("searched at lr 1e-3 on four texts, 4x steps", "uniform at lr 1e-3 on four texts, 4x steps"))
 GOALS = {"best_row_times_dense": 3.0, "searched_over_uniform": 0.85}
 
 
@@ -167,10 +164,16 @@ def goals(results: dict) -> list[str]:
         lines.append(f"Target {target}: best healed row {best} at most {worst[best]:.2f}x dense on every domain "
                      f"(goal {GOALS['best_row_times_dense']}x)"
                      + "".join(f"; {a} / {b} {geomean(a, b):.2f} (goal {GOALS['searched_over_uniform']})"
-                               for a, b in SEARCHED_OVER_UNIFORM if {a, b} <= rows.keys())
+                               for a, b in searched_and_uniform(rows))
                      + (f"; healing-aware / searched {geomean('healing-aware (K=4)', 'searched'):.2f} (goal 1.0)"
                         if {"searched", "healing-aware (K=4)"} <= rows.keys() else "") + ".")
     return lines
+
+
+def searched_and_uniform(rows: dict) -> list[tuple[str, str]]:
+    """Pairs of measured rows healed alike, one searched and one uniform: does the search still matter?"""
+    pairs = [(name, "uniform" + name.removeprefix("searched")) for name in ROWS if name.startswith("searched")]
+    return [(a, b) for a, b in pairs if {a, b} <= rows.keys()]
 
 
 def _geomean(ratios: list[float]) -> float:
