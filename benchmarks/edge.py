@@ -8,7 +8,8 @@ threads, file size, held-out perplexity over torch's fp32 on the same tokens (ON
 tokens in ONNX Runtime; llama.cpp: the same through its logits), and whether the full-precision export's
 greedy tokens equal torch's. Exports go under runs/edge/ and are reused. Speeds: every runtime of every
 model loaded at once, then `--repeats` rounds that each time every one once (interleaved, so the machine's
-drift falls on dense and pruned alike); a row has the median and the range.
+drift falls on dense and pruned alike); a row has the median and the range. llama.cpp is timed as its
+own tools run it: the last position's logits only, flash attention on (see benchmarks/llamacpp_overhead.py).
 
     .venv/bin/python benchmarks/edge.py                     # after benchmarks/search.py (about 30 min)
 """
@@ -35,6 +36,8 @@ SEARCHES = ROOT / "runs" / "bench-search"
 PROMPT, GENERATE, THREADS = 512, 64, 2
 GGUF = ("f16", "q8_0", "q4_k_m")
 GOAL = 1.6  # llama.cpp q8_0 generation of the 0.5 winner over the dense model's
+# timed as llama.cpp's own tools run: the last position's logits only, flash attention on (their CPU default)
+LLAMA_CPP = {"all_logits": False, "flash_attention": True}
 
 
 def models(args) -> dict[str, str]:
@@ -113,7 +116,7 @@ def runners(name: str) -> dict:
              for precision, path in (("fp32", graph), ("int8", graph.with_suffix(".int8.onnx")))}
     for quant in GGUF:
         found[f"llama.cpp {quant}"] = llamacpp.Runner(folder / f"model.{quant}.gguf", context=PROMPT + GENERATE + 8,
-                                                      threads=THREADS)
+                                                      threads=THREADS, **LLAMA_CPP)
     return found
 
 
@@ -153,12 +156,18 @@ def table(results: dict) -> str:
               "process (range: the slowest and fastest round). Held-out ppl: 2048 wiki-summaries tokens in "
               "windows of 256, over torch fp32's on the same windows. Greedy: 32 tokens after a random prompt, "
               "fp32 and f16 against torch, int8 against ONNX Runtime on the same graph, q8_0/q4_k_m against torch "
-              "(reported, not required)."]
+              f"(reported, not required). llama.cpp timed with {_llama_cpp_setting(results['settings'])}."]
     if "goal" in results:
         goal = results["goal"]
         lines += ["", f"Goal (llama.cpp q8_0 generation of the 0.5 winner at least {goal['at_least']}x the dense "
                   f"model's): {'met' if goal['met'] else 'missed'} ({goal['speedup']:.2f}x)."]
     return "\n".join(lines) + "\n"
+
+
+def _llama_cpp_setting(settings: dict) -> str:
+    how = settings.get("llama_cpp", {"all_logits": True, "flash_attention": False})  # before it was recorded
+    return (("every position's logits" if how["all_logits"] else "the last position's logits only")
+            + (", flash attention" if how["flash_attention"] else ", no flash attention"))
 
 
 def check_goal(results: dict) -> None:
@@ -176,7 +185,8 @@ def run(args) -> None:
     results = load(NAME)
     results.pop("goal", None)
     results.update(environment=environment(), settings={"prompt": PROMPT, "generate": GENERATE,
-                                                        "threads": THREADS, "repeats": args.repeats})
+                                                        "threads": THREADS, "repeats": args.repeats,
+                                                        "llama_cpp": LLAMA_CPP})
     chosen = models(args)
     results["models"] = {name: rows for name, rows in results.get("models", {}).items() if name in chosen}
     for name, model in chosen.items():

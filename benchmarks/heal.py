@@ -64,6 +64,7 @@ ROWS = {  # row -> how it is made: a one-shot allocation, or the search's extra 
                                                    "heal_text": FOUR_TEXTS, "steps_times": 4},
 }
 GOALS = {"best_row_times_dense": 3.0, "searched_over_uniform": 0.85}
+TIMES_DENSE_AT = "0.5"  # the target the issue sets the 3.0x goal at
 
 
 def folder(target: float, row: str) -> Path:
@@ -152,7 +153,7 @@ def table(results: dict) -> str:
 
 def goals(results: dict) -> list[str]:
     """The issue's goals, per target where their rows are measured: the best healed row within 3x the
-    dense perplexity on every domain; searched + heal at most 0.85x uniform + heal (geometric mean over the
+    dense perplexity on every domain (at 0.5); searched + heal at most 0.85x uniform + heal (geometric mean over the
     domains); healing-aware at most searched + heal."""
     dense, lines = results.get("dense", {}).get("ppl", {}), [""]
     for target, rows in sorted(results.get("targets", {}).items()):
@@ -161,8 +162,8 @@ def goals(results: dict) -> list[str]:
 
         worst = {name: max(row["after"][d] / dense[d] for d in dense) for name, row in rows.items()}
         best = min(worst, key=worst.get)
-        lines.append(f"Target {target}: best healed row {best} at most {worst[best]:.2f}x dense on every domain "
-                     f"(goal {GOALS['best_row_times_dense']}x)"
+        goal = f" (goal {GOALS['best_row_times_dense']}x)" if target == TIMES_DENSE_AT else ""
+        lines.append(f"Target {target}: best healed row {best} at most {worst[best]:.2f}x dense on every domain{goal}"
                      + "".join(f"; {a} / {b} {geomean(a, b):.2f} (goal {GOALS['searched_over_uniform']})"
                                for a, b in searched_and_uniform(rows))
                      + (f"; healing-aware / searched {geomean('healing-aware (K=4)', 'searched'):.2f} (goal 1.0)"

@@ -74,12 +74,17 @@ def _without_amx():
 class Runner:
     """One GGUF file loaded in llama.cpp, evaluated from token ids on `threads` CPU threads."""
 
-    def __init__(self, path: Path, *, context: int = 512, threads: int = 2) -> None:
+    def __init__(self, path: Path, *, context: int = 512, threads: int = 2, all_logits: bool = True,
+                 flash_attention: bool = False) -> None:
+        """`all_logits`: keep every position's logits (what `logits` and `perplexity` read); without it a
+        batch computes the last position's only, as llama.cpp's own tools do. `flash_attention`: llama.cpp's
+        fused attention (its command-line tools' CPU default, llama-cpp-python's off)."""
         import llama_cpp
 
         with _quiet(), _without_amx():
             self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=context, n_batch=context, n_threads=threads,
-                                       n_threads_batch=threads, logits_all=True, verbose=False)
+                                       n_threads_batch=threads, logits_all=all_logits,
+                                       flash_attn=flash_attention, verbose=False)
 
     def logits(self, ids: list[int]) -> np.ndarray:
         """Logits [len(ids), vocab] of one sequence from an empty cache."""
@@ -93,9 +98,16 @@ class Runner:
         self.llm.eval(prompt)
         out = []
         for _ in range(tokens):
-            out.append(int(np.argmax(self.llm.scores[self.llm.n_tokens - 1])))
+            out.append(self._next_token())
             self.llm.eval([out[-1]])
         return out
+
+    def _next_token(self) -> int:
+        """The argmax of the last evaluated position's logits (there with or without `all_logits`)."""
+        import llama_cpp
+
+        last = llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
+        return int(np.argmax(np.ctypeslib.as_array(last, shape=(self.llm.n_vocab(),))))
 
     def perplexity(self, rows: np.ndarray) -> float:
         """exp(mean next-token NLL) over rows [n, seq] of token ids, each from an empty cache."""
@@ -117,6 +129,6 @@ class Runner:
         prefill = time.perf_counter() - tic
         tic = time.perf_counter()
         for _ in range(tokens):
-            self.llm.eval([int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))])
+            self.llm.eval([self._next_token()])
         generate = time.perf_counter() - tic
         return {"prompt_tokens_per_s": len(prompt) / prefill, "generate_tokens_per_s": tokens / generate}

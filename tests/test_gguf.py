@@ -106,3 +106,14 @@ def test_a_middle_layer_without_attention_is_an_attention_free_deci_layer(smollm
     assert report["verified"] and (report["head_count"], report["head_count_kv"]) == ([6, 0, 6], [2, 0, 2])
     names = {t.name for t in gguf.GGUFReader(tmp_path / "model.gguf").tensors}
     assert not any(name.startswith("blk.1.attn") for name in names)
+
+
+def test_a_runner_without_all_logits_generates_the_same_tokens(folders, tmp_path):
+    from tyrsearch.exporters import llamacpp
+
+    _export(folders / "shaped", tmp_path / "model.gguf", "--quant", "f32")
+    prompt = list(range(100, 116))
+    every = llamacpp.Runner(tmp_path / "model.gguf", context=64)
+    last_only = llamacpp.Runner(tmp_path / "model.gguf", context=64, all_logits=False)
+    assert every.logits(prompt).shape == (16, 49152)
+    assert last_only.greedy(prompt, 8) == every.greedy(prompt, 8)
