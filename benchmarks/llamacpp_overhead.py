@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
+from pathlib import Path
 
-import torch
+from edge import GENERATE, PROMPT, THREADS, prompt_ids
 from report import ROOT, environment, save
 from tqdm.auto import tqdm
 
@@ -32,7 +33,6 @@ from tyrsearch.exporters import llamacpp
 NAME = "llamacpp_overhead"
 MODEL = "smollm2-135m"
 RUNS = ROOT / "runs" / "llamacpp-overhead"
-PROMPT, GENERATE, THREADS = 512, 64, 2
 SETTINGS = {  # name -> (Runner keywords, prompt tokens before the generated ones)
     "every position's logits": ({"all_logits": True}, PROMPT),
     "last logits only": ({"all_logits": False}, PROMPT),
@@ -57,7 +57,7 @@ def gguf_files() -> dict[str, str]:
 
 def run(args) -> None:
     files = gguf_files()
-    prompt = torch.randint(0, 49152, (PROMPT,), generator=torch.Generator().manual_seed(0)).tolist()
+    prompt = prompt_ids()  # edge.py's
     loaded = {(model, setting): llamacpp.Runner(path, context=PROMPT + GENERATE + 8, threads=THREADS, **how)
               for model, path in files.items() for setting, (how, _) in SETTINGS.items()}
     timed = {key: [] for key in loaded}
@@ -66,7 +66,7 @@ def run(args) -> None:
             measured = runner.speed(prompt[:SETTINGS[setting][1]], GENERATE)
             if round_:  # the first round only warms up
                 timed[model, setting].append(measured)
-    sizes = {model: (RUNS / f"{model.replace(' ', '-')}.q8_0.gguf").stat().st_size for model in files}
+    sizes = {model: Path(path).stat().st_size for model, path in files.items()}
     results = {"environment": environment(), "settings": {"prompt": PROMPT, "generate": GENERATE,
                                                           "threads": THREADS, "repeats": args.repeats},
                "bytes": sizes, "rows": {}}
