@@ -15,7 +15,7 @@ every runtime of every model loaded at once, then `--repeats` rounds that each t
 (interleaved, so the machine's drift falls on dense and pruned alike); a row has the median and the range.
 llama.cpp is timed as its own tools run it: the last position's logits only, flash attention on.
 
-    .venv/bin/python benchmarks/edge.py                     # after benchmarks/search.py (about 30 min)
+    .venv/bin/python benchmarks/edge.py          # missing searches 22-31 min each, then about 30 min
     .venv/bin/python benchmarks/edge.py --targets 0.5 --heads-targets   # dense and the 0.5 winner only
 """
 
@@ -42,7 +42,7 @@ SEARCHES = ROOT / "runs" / "bench-search"
 HEADS = "llama-heads"  # the space whose winners may drop attention blocks
 PROMPT, GENERATE, THREADS = 512, 64, 2
 GGUF = ("f16", "q8_0", "q4_k_m")
-GOAL = 1.6  # llama.cpp q8_0 generation of the 0.5 winner over the dense model's
+GOAL = 1.6  # llama.cpp q8_0 generation of a 0.5 winner over the dense model's
 # timed as llama.cpp's own tools run: the last position's logits only, flash attention on (their CPU default)
 LLAMA_CPP = {"all_logits": False, "flash_attention": True}
 
