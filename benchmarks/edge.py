@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import torch
-from report import ROOT, environment, load, save
+from report import ROOT, environment, load, save, shared_search
 from tqdm.auto import tqdm
 
 import tyrsearch
@@ -50,20 +50,11 @@ LLAMA_CPP = {"all_logits": False, "flash_attention": True}
 def models(args) -> dict[str, str]:
     found = {"dense": MODEL}
     for target in args.targets:
-        found[f"searched {target}"] = searched(args.searches, target, space=None)
+        found[f"searched {target}"] = str(shared_search(args.searches / f"t{target}", target) / "model")
     heads = args.searches.with_name(f"{args.searches.name}-{HEADS}")
     for target in args.heads_targets:
-        found[f"searched {target} {HEADS}"] = searched(heads, target, space=HEADS)
+        found[f"searched {target} {HEADS}"] = str(shared_search(heads / f"t{target}", target, space=HEADS) / "model")
     return found
-
-
-def searched(searches: Path, target: float, *, space: str | None) -> str:
-    """The search's winner: benchmarks/search.py's run folder, or one made here the same way."""
-    out = searches / f"t{target}"
-    if not (out / "result.json").is_file():
-        tyrsearch.search(MODEL, target=target, out=out, calib_seqs=32, space=space, seed=0,
-                         resume=(out / "study.db").exists())
-    return str(out / "model")
 
 
 def prompt_ids() -> list[int]:

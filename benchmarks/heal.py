@@ -33,7 +33,7 @@ import shutil
 import time
 from pathlib import Path
 
-from report import ROOT, cpu_model, environment, load, save
+from report import ROOT, cpu_model, environment, load, save, shared_search
 from transfer import zero_shot
 
 import tyrsearch
@@ -71,14 +71,6 @@ def folder(target: float, row: str) -> Path:
     return RUNS / f"t{target}-{row.split(' (')[0].replace(' + ', '-').replace(', ', '-').replace(' ', '-')}"
 
 
-def base_search(target: float, args) -> Path:
-    """The search every searched row heals from: benchmarks/search.py's, or one made here the same way."""
-    base = args.searches / f"t{target}"
-    if not (base / "result.json").is_file():
-        tyrsearch.search(MODEL, target=target, out=base, calib_seqs=32, seed=0, resume=(base / "study.db").exists())
-    return base
-
-
 def made(target: float, row: str, args) -> dict:
     """The row's result.json, made unless it is there; with the wall time of what ran here."""
     out, how = folder(target, row), {k: v for k, v in ROWS[row].items() if k != "steps_times"}
@@ -88,8 +80,8 @@ def made(target: float, row: str, args) -> dict:
     heal = {"heal_steps": heal_steps(row, args), "eval_text": DOMAINS, "eval_tokens": args.eval_tokens}
     searched = not {"allocation", "rounds"} & how.keys()
     if searched and not (out / "study.db").is_file():  # before the clock: the shared search is no row's time
-        shutil.copytree(base_search(target, args), out, ignore=shutil.ignore_patterns("model", "result.json",
-                                                                                      "report.html"))
+        base = shared_search(args.searches / f"t{target}", target)
+        shutil.copytree(base, out, ignore=shutil.ignore_patterns("model", "result.json", "report.html"))
     tic = time.perf_counter()
     if "allocation" in how:
         figures = tyrsearch.prune(MODEL, sparsity=target, out=out / "model", calib_seqs=32, overwrite=True,

@@ -50,3 +50,14 @@ def save(name: str, data: dict, table: str) -> None:
     if readme.exists():
         pattern = re.compile(rf"(<!-- results:{name} -->\n).*?(<!-- /results:{name} -->)", re.S)
         readme.write_text(pattern.sub(lambda m: m.group(1) + table + m.group(2), readme.read_text()))
+
+
+def shared_search(out: Path, target: float, *, space: str | None = None) -> Path:
+    """A SmolLM2 search run folder as benchmarks/search.py makes it (seed 0, 32 calibration sequences):
+    reused when finished, resumed when interrupted, made otherwise."""
+    import tyrsearch  # here, not at the top: report.py's other helpers need no torch
+
+    if not (out / "result.json").is_file():
+        tyrsearch.search("smollm2-135m", target=target, out=out, calib_seqs=32, space=space, seed=0,
+                         resume=(out / "study.db").exists())
+    return out
