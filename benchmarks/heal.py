@@ -21,7 +21,7 @@ WinoGrande, --zero-shot examples each), and wall time of its parts. Models go un
 saved as each row finishes, so an interrupted run resumes where it stopped.
 
     .venv/bin/python benchmarks/heal.py                                      # hours on 2 cores
-    .venv/bin/python benchmarks/heal.py --targets 0.5 --rows uniform searched --heal-steps 100
+    .venv/bin/python benchmarks/heal.py --targets 0.5 --rows uniform searched
 """
 
 from __future__ import annotations
@@ -217,7 +217,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.3])
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
-    parser.add_argument("--heal-steps", type=int, default=400, help="steps of 1024 tokens in every heal")
+    parser.add_argument("--heal-steps", type=int, default=100,
+                        help="steps of 1024 tokens in every heal (the table's; another value starts a new table)")
     parser.add_argument("--select-steps", type=int, default=50, help="healing-aware: each candidate's brief heal")
     parser.add_argument("--eval-tokens", type=int, default=16384)
     parser.add_argument("--zero-shot", type=int, default=200, help="examples per task (0: none)")
