@@ -109,15 +109,16 @@ def _folder(shaped: bool, request) -> str:
     return str(request.getfixturevalue("smollm2_shaped") if shaped else assets.resolve_model("smollm2-135m"))
 
 
-@pytest.mark.parametrize("shaped", [False, True], ids=["dense", "per-layer"])
-def test_smollm2_exports_generate_torchs_tokens_in_onnxruntime_genai(shaped, request, tmp_path):
+def test_smollm2_exports_generate_torchs_tokens_in_onnxruntime_genai(smollm2_shaped, tmp_path):
     """The --kv-cache folder as onnxruntime-genai loads it (og.Model / og.Generator): 32 greedy tokens equal to
-    torch's, dense and per-layer."""
+    torch's, per-layer (27 of its 30 layers dense). The dense SmolLM2 runs the same path without the per-layer
+    shapes; it is left to benchmarks/edge.py, which verifies it on every run, since each export of the whole
+    model costs about two and a half minutes of CI's test budget."""
     import json
 
     from tests.conftest import run_cli
 
-    ran = run_cli("export", "--model", _folder(shaped, request), "--out", str(tmp_path / "onnx" / "model.onnx"),
+    ran = run_cli("export", "--model", str(smollm2_shaped), "--out", str(tmp_path / "onnx" / "model.onnx"),
                   "--kv-cache", "--json")
     assert ran.returncode == 0, ran.stderr
     report = json.loads(ran.stdout)

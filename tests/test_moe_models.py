@@ -81,9 +81,10 @@ def test_block_config_names_experts_only_in_moe_layers():
 
 @pytest.mark.parametrize("name", sorted(MOE_FAMILIES))
 def test_removing_experts_equals_never_routing_to_them(name, tokens):
-    # in float64 the two agree to rounding (float32 differs by reduction order, ~1e-6; float64's matmul
-    # kernels, chosen per CPU and width, still differ in the last bits); the default grouped_mm experts
-    # kernel has no float64, the eager loop does
+    # in float64 the two agree to the router's rounding: every family takes the routing softmax in float32
+    # whatever the model's dtype, and a softmax over all logits (some at -inf) and one over the kept ones
+    # sum in an order each CPU's kernel picks (~4e-7 apart on CI); removing experts moves logits by >1e-3.
+    # The default grouped_mm experts kernel has no float64, the eager loop does
     model = MOE_FAMILIES[name]().double()
     model.set_experts_implementation("eager")
     keep = KEEP[name]
@@ -94,7 +95,7 @@ def test_removing_experts_equals_never_routing_to_them(name, tokens):
             reference = model(tokens).logits
         remove_experts(model, keep)
         pruned = model(tokens).logits
-    torch.testing.assert_close(pruned, reference, rtol=0, atol=1e-12)
+    torch.testing.assert_close(pruned, reference, rtol=0, atol=1e-5)
     assert not torch.allclose(pruned, dense, atol=1e-3)  # the removed experts did matter
     for idx, kept in keep.items():
         moe = model.model.layers[idx].mlp

@@ -121,20 +121,22 @@ def test_smollm2_pruned_in_bfloat16_keeps_what_float32_keeps(smollm2_folder):
     tokenizer = AutoTokenizer.from_pretrained(smollm2_folder)
     # 8k calibration tokens: on 2k, near-tied channels swap on the weights' bf16 rounding (95% agree)
     calib = data.calibration_batches(tokenizer, texts.read_text("c4"), seq_len=512, count=16, seed=0)
-    held_out = data.eval_batches(tokenizer, texts.read_text("wiki-summaries"), seq_len=512, max_tokens=8192)
-    fp32, bf16 = (_first_layers_pruned(dense, dtype, calib, count=8) for dtype in (torch.float32, torch.bfloat16))
+    held_out = data.eval_batches(tokenizer, texts.read_text("wiki-summaries"), seq_len=512, max_tokens=4096)
+    fp32, bf16 = (_first_layers_pruned(dense, dtype, calib, count=4) for dtype in (torch.float32, torch.bfloat16))
     a, b = _kept_channels(dense, fp32), _kept_channels(dense, bf16)
-    assert all(len(x) == 1536 for x in a[8:] + b[8:])  # the later layers are whole
-    agreement = sum(len(x & y) for x, y in zip(a[:8], b[:8], strict=True)) / sum(map(len, a[:8]))
+    assert all(len(x) == 1536 for x in a[4:] + b[4:])  # the later layers are whole
+    agreement = sum(len(x & y) for x, y in zip(a[:4], b[:4], strict=True)) / sum(map(len, a[:4]))
     assert agreement >= 0.95, agreement
     ppl32 = metrics.perplexity(fp32, held_out, progress=False)["ppl"]
-    ppl16 = metrics.perplexity(bf16, held_out, progress=False)["ppl"]
+    # the weights bf16 pruning kept and refit, run in float32: this compares the pruning, not bf16 arithmetic
+    # (which runs 7x slower on this CPU)
+    ppl16 = metrics.perplexity(bf16.float(), held_out, progress=False)["ppl"]
     assert abs(ppl16 / ppl32 - 1) <= 0.03, (ppl32, ppl16)
 
 
 def _first_layers_pruned(dense, dtype: torch.dtype, calib: torch.Tensor, *, count: int):
     """A copy of `dense` in `dtype` whose first `count` layers are pruned (osscar, 0.3) and the rest kept: the
-    whole model would cost 4x more, and its first layers already take every step of the pruning."""
+    whole model would cost 7x more, and its first layers already take every step of the pruning."""
     model = copy.deepcopy(dense).to(dtype)
     layers = model.model.layers
     model.model.layers, model.config.num_hidden_layers = layers[:count], count

@@ -231,6 +231,7 @@ def _calibration_shingles() -> frozenset[int]:
     return frozenset(shingles(_c4()) | shingles(_wiki()))
 
 
+@cache  # once per process: the deduplication takes seconds, and every evaluation reads these
 def _held_out(source: TextSource) -> str:
     documents = source.load().split("\n\n")
     return "\n\n".join(dedupe(documents, _calibration_shingles()))
