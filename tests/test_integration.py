@@ -30,7 +30,8 @@ def test_prune_reload_eval(smollm2, tmp_path):
     dense_ppl = metrics.perplexity(dense, heldout, progress=False)["ppl"]
 
     model = AutoModelForCausalLM.from_pretrained(assets.resolve_model("smollm2-135m")).eval()
-    report = one_shot(model, OneShotConfig(criterion="osscar", sparsity=0.3), calib, progress=False)
+    # wanda: osscar on the real model is tests/test_placement.py's (4 layers, float32 and bfloat16)
+    report = one_shot(model, OneShotConfig(criterion="wanda", sparsity=0.3), calib, progress=False)
     assert abs(report["achieved_sparsity"] - 0.3) < 0.005
     assert metrics.decoder_params(model) < 0.71 * metrics.decoder_params(dense)
     folder = save_pruned(model, tokenizer, tmp_path / "smol-30")
@@ -71,12 +72,12 @@ def test_search_on_smollm2_writes_a_reloadable_winner(tmp_path):
 
 
 def test_prune_and_heal_on_smollm2_lowers_the_held_out_perplexity(tmp_path):
-    """`prune` with two heal steps (2 x 4 x 256 tokens of c4 and wiki): the healed model reloads with the
+    """`prune` with two heal steps (2 x 4 x 128 tokens of c4 and wiki): the healed model reloads with the
     one-shot model's shapes and is closer to the dense model on held-out text."""
     from tyrsearch import api
 
     out = tmp_path / "healed"
-    result = api.prune("smollm2-135m", sparsity=0.3, criterion="wanda", calib_seqs=4, seq_len=256, out=out,
+    result = api.prune("smollm2-135m", sparsity=0.3, criterion="wanda", calib_seqs=4, seq_len=128, out=out,
                        eval_text="wiki-summaries", eval_tokens=1024, heal_steps=2, heal_lr=3e-4, progress=False)
     before = result.figures["held_out"]["wiki-summaries"]["ppl"]
     after = result.figures["heal"]["held_out"]["wiki-summaries"]["ppl"]
